@@ -1,0 +1,75 @@
+"""Backend selection shared by every op.
+
+Three backends exist: ``torch`` (portable, any device), ``triton`` (CUDA default; also runs on CPU
+tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (the csrc/ extension, where it was built).
+``auto`` picks by device; ``MPTKERN_BACKEND`` or an op's ``backend=`` argument forces one. The
+argument wins over the environment variable.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "MPTKERN_BACKEND"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux only)"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # an installed but broken triton must be reported, not hidden
+        return f"import triton failed: {exc}"
+    return None
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on tensors of ``device``, or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+            return None
+        return f"triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 (got {device.type})"
+    if backend == "cuda":
+        from mptkern import _ext
+
+        if not _ext.loaded():
+            return _ext.why_not()
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors (got {device.type})"
+        return None
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` ("auto" or a name) into the backend that will run on ``device``.
+
+    ``auto`` honours ``MPTKERN_BACKEND`` first, then picks ``triton`` for CUDA tensors and
+    ``torch`` otherwise. A forced backend that cannot run raises RuntimeError saying why.
+    """
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "torch"
+            return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    reason = why_unavailable(backend, device)
+    if reason:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
