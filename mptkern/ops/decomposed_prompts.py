@@ -122,6 +122,23 @@ def _bwd_triton(grad2d, shared, cols, rows, ids, offs):
     return dS, dcw.sum(-1).to(cols.dtype), drw.sum(1).to(rows.dtype)
 
 
+def aot_specs():
+    """Every shipped kernel configuration, for the ahead-of-time compile check (:mod:`mptkern.aot`)."""
+    from mptkern.aot import KernelSpec
+
+    specs = []
+    for dt in ("fp32", "bf16", "fp16"):
+        p, i64 = "*" + dt, "*i64"
+        bl, bd, warps = FWD_CONFIG
+        sig = dict(S=p, C=p, R=p, IDS=i64, OFFS=i64, OUT=p, L="i32", D="i32", RANK="i32", BLOCK_L="constexpr", BLOCK_D="constexpr")
+        specs.append(KernelSpec(f"decomposed_prompts_fwd_{dt}", _fwd_kernel, sig, dict(BLOCK_L=bl, BLOCK_D=bd), warps))
+        bl, bd, warps = BWD_CONFIG
+        sig = dict(G=p, S=p, C=p, R=p, OFFS=i64, ORDER=i64, STARTS=i64, DS=p, DCW="*fp32", DRW="*fp32",
+                   L="i32", D="i32", RANK="i32", K="i32", BLOCK_L="constexpr", BLOCK_D="constexpr")
+        specs.append(KernelSpec(f"decomposed_prompts_bwd_{dt}", _bwd_kernel, sig, dict(BLOCK_L=bl, BLOCK_D=bd), warps))
+    return specs
+
+
 # ----------------------------------------------------------------------------------------------
 # torch and cuda paths
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+from .default import load_default
+
+__all__ = ["load_default"]
