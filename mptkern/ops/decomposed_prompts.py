@@ -112,6 +112,7 @@ def _bwd_triton(grad2d, shared, cols, rows, ids, offs):
     bl, bd, warps = BWD_CONFIG
     n_i, n_j = triton.cdiv(l, bl), triton.cdiv(d, bd)
     order, starts = _task_segments(ids, K)
+    offs = _functional_offsets(ids, l) if offs is None else offs
     dS = torch.empty_like(shared)
     dcw = torch.zeros(K, l, r, n_j, dtype=torch.float32, device=shared.device)
     drw = torch.zeros(K, n_i, r, d, dtype=torch.float32, device=shared.device)
@@ -152,7 +153,7 @@ def _fwd_torch(shared, cols, rows, ids, out2d, offs):
 
 def _bwd_torch(grad2d, shared, cols, rows, ids, offs):
     (K, l, r), d = cols.shape, shared.shape[1]
-    g = grad2d.index_select(0, _prompt_rows(offs, l)).view(-1, l * d)
+    g = grad2d.view(-1, l * d) if offs is None else grad2d.index_select(0, _prompt_rows(offs, l)).view(-1, l * d)
     tasks, inverse = torch.unique(ids, return_inverse=True)
     # H_t as one small matmul: deterministic on every device, unlike index_add_ on CUDA
     onehot = torch.zeros(tasks.numel(), ids.numel(), dtype=torch.float32, device=ids.device)
@@ -174,10 +175,16 @@ def _fwd_cuda(shared, cols, rows, ids, out2d, offs):
 
 def _bwd_cuda(grad2d, shared, cols, rows, ids, offs):
     order, starts = _task_segments(ids, cols.shape[0])
+    offs = _functional_offsets(ids, shared.shape[0]) if offs is None else offs
     return tuple(torch.ops.mptkern_C.decomposed_prompts_bwd(grad2d, shared, cols, rows, offs, order, starts))
 
 
 _IMPLS = {"torch": (_fwd_torch, _bwd_torch), "triton": (_fwd_triton, _bwd_triton), "cuda": (_fwd_cuda, _bwd_cuda)}
+
+
+def _functional_offsets(ids: torch.Tensor, l: int) -> torch.Tensor:
+    """Row offsets of a plain (B, l, d) result viewed as (B*l, d)."""
+    return torch.arange(ids.shape[0], device=ids.device) * l
 
 
 def _prompt_rows(offs: torch.Tensor, l: int) -> torch.Tensor:
@@ -211,8 +218,7 @@ def _decomposed_prompts_op(
     if backend == "torch":
         return _fwd_torch(shared, task_cols, task_rows, task_ids, None, None)
     out = torch.empty(B * l, d, dtype=shared.dtype, device=shared.device)
-    offs = torch.arange(B, device=shared.device) * l
-    _IMPLS[backend][0](shared, task_cols, task_rows, task_ids, out, offs)
+    _IMPLS[backend][0](shared, task_cols, task_rows, task_ids, out, _functional_offsets(task_ids, l))
     return out.view(B, l, d)
 
 
@@ -224,8 +230,10 @@ def _(shared, task_cols, task_rows, task_ids, backend):
 @torch.library.custom_op("mptkern::decomposed_prompts_backward", mutates_args=())
 def _decomposed_prompts_backward_op(
     grad: torch.Tensor, shared: torch.Tensor, task_cols: torch.Tensor, task_rows: torch.Tensor,
-    task_ids: torch.Tensor, row_offsets: torch.Tensor, backend: str,
+    task_ids: torch.Tensor, row_offsets: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the three parameters from ``grad (R, d)``; ``row_offsets=None`` means grad is
+    the plain ``(B*l, d)`` result gradient."""
     return _IMPLS[backend][1](grad.contiguous(), shared, task_cols, task_rows, task_ids, row_offsets)
 
 
@@ -242,10 +250,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     shared, task_cols, task_rows, task_ids = ctx.saved_tensors
-    l = shared.shape[0]
-    offs = torch.arange(task_ids.shape[0], device=grad.device) * l
     grads = torch.ops.mptkern.decomposed_prompts_backward(
-        grad.reshape(-1, shared.shape[1]), shared, task_cols, task_rows, task_ids, offs, ctx.backend
+        grad.reshape(-1, shared.shape[1]), shared, task_cols, task_rows, task_ids, None, ctx.backend
     )
     return *grads, None, None
 

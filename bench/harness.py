@@ -1,0 +1,160 @@
+"""The one benchmark harness: timing, peak memory, ceilings measured in the same run, CSV rows.
+
+Every benchmark in bench/ builds its inputs outside the timed closure, times it with :func:`time_fn`,
+divides by a ceiling from :func:`copy_bandwidth` or :func:`matmul_tflops` taken in the same process,
+and appends rows with :func:`append_rows`, which stamps each row with :func:`env_fields`.
+Scripts here are run as ``python bench/<name>.py``, so this module is imported as ``harness``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+VERSIONED = ("torch", "triton", "transformers", "peft", "liger-kernel")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_fn(fn, *, device, warmup: float = 25, rep: float = 100) -> float:
+    """Median wall time of one ``fn()`` call, in ms. ``warmup`` and ``rep`` are time budgets in ms.
+
+    CUDA: ``triton.testing.do_bench(..., return_mode="median")``, which synchronizes around each
+    call and flushes L2 between calls, so each call reads its inputs from HBM.
+    CPU: one call to estimate its length, then ``warmup`` ms of untimed calls and at least 5 (about
+    ``rep`` ms of) calls timed one by one with ``perf_counter``; the median of those.
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    t0 = time.perf_counter()
+    fn()
+    est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    for _ in range(int(warmup / est_ms)):
+        fn()
+    times = []
+    for _ in range(max(5, int(rep / est_ms))):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device) -> int | None:
+    """Bytes allocated by one ``fn()`` call at its peak, above what was allocated before it (CUDA
+    caching-allocator counters, so outputs freed on return still count). None on CPU, where torch
+    keeps no such counter."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def copy_bandwidth(device, nbytes: int | None = None) -> float:
+    """GB/s (1e9 B/s) of ``dst.copy_(src)`` on ``device``, counting bytes read plus bytes written.
+    Default size: 1 GiB on CUDA, 256 MiB on CPU (both far beyond the last-level cache)."""
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device=device, warmup=50, rep=300)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device, dtype: torch.dtype | None = None, n: int | None = None) -> float:
+    """TFLOP/s (2 n^3 flops per call) of an ``n x n`` matmul: bf16, n = 8192 on CUDA by default;
+    fp32, n = 2048 on CPU."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    n = n or (8192 if cuda else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = time_fn(lambda: a @ b, device=device, warmup=50, rep=300)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def device_name(device) -> str:
+    """GPU name, or the CPU model with its core count and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """Short HEAD, with ``+dirty`` when tracked or untracked (non-ignored) files differ from it.
+    bench/results/ is left out of the check, so appending results does not dirty the next run."""
+    def git(*args):
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=all", "--", ".", ":(exclude)bench/results")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def env_fields(device) -> dict:
+    """The columns every results row carries: date (UTC), device, commit, package and Python versions."""
+    fields = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "commit": git_commit(),
+    }
+    for pkg in VERSIONED:
+        try:
+            fields[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            fields[pkg] = ""
+    fields["python"] = platform.python_version()
+    return fields
+
+
+def append_rows(csv_path, rows: list[dict], device) -> Path:
+    """Append ``rows`` (dicts with identical keys) to ``csv_path``, each prefixed with
+    :func:`env_fields` of ``device``. Writes the header for a new file; raises ValueError when an
+    existing file's header differs, instead of writing misaligned columns."""
+    if not rows:
+        return Path(csv_path)
+    env = env_fields(device)
+    rows = [{**env, **r} for r in rows]
+    header = list(rows[0])
+    for r in rows:
+        if list(r) != header:
+            raise ValueError(f"rows have different columns: {list(r)} vs {header}")
+    path = Path(csv_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            old = next(csv.reader(f), [])
+        if old != header:
+            raise ValueError(
+                f"{path} has columns {old}, these rows have {header}: write to a new file or move the old one"
+            )
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path

@@ -1,0 +1,83 @@
+"""Smoke tests of the benchmark harness and bench/bench_prompt_embed.py on a tiny CPU shape."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+TINY = ["--device", "cpu", "--B", "4", "--l", "5", "--d", "64", "--K", "3", "--warmup", "1", "--rep", "5"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The bench scripts import each other as top-level modules, as when run from bench/."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_prompt_embed
+
+    return bench_prompt_embed
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_runs_and_writes_rows(bench, tmp_path):
+    out = tmp_path / "prompt_embed.csv"
+    bench.main([*TINY, "--out", str(out)])
+    rows = _read(out)
+    got = {(r["contender"], r["mode"]) for r in rows}
+    for name in ("mptkern-torch", "peft", "eager"):
+        assert {(name, "fwd"), (name, "fwd+bwd")} <= got
+    assert not any(r["contender"] == "mptkern-triton" for r in rows), "the Triton interpreter must never be timed"
+    assert all(float(r["ms"]) > 0 and r["commit"] and r["device"] and r["torch"] for r in rows)
+    assert all(float(r["speedup_vs_peft"]) == 1.0 for r in rows if r["contender"] == "peft")
+    bench.main([*TINY, "--out", str(out)])  # a second run appends under the same header
+    assert len(_read(out)) == 2 * len(rows)
+
+    import plot
+
+    assert plot.plot(out).stat().st_size > 0
+
+
+def test_wrong_forward_is_refused(bench, tmp_path, monkeypatch):
+    real = bench.decomposed_prompts
+    monkeypatch.setattr(bench, "decomposed_prompts", lambda *a, **k: real(*a, **k) * 1.1)
+    out = tmp_path / "prompt_embed.csv"
+    with pytest.raises(SystemExit, match="mptkern-torch"):
+        bench.main([*TINY, "--out", str(out)])
+    names = {r["contender"] for r in _read(out)}
+    assert "mptkern-torch" not in names and {"peft", "eager"} <= names
+
+
+class _WrongGrad(torch.autograd.Function):
+    """Identity forward; backward scales d_shared only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.1
+
+
+def test_wrong_gradient_is_refused(bench):
+    shared, cols, rows, ids, grad_out = bench.make_inputs(4, 5, 64, 3, 1, torch.float32, torch.device("cpu"))
+    ref = bench.Contender("eager", lambda: bench.eager(shared, cols, rows, ids), (shared, cols, rows))
+    bad = bench.Contender("bad", lambda: bench.eager(_WrongGrad.apply(shared), cols, rows, ids), (shared, cols, rows))
+    with pytest.raises(bench.Disagreement, match="bad d_shared"):
+        bench.check_agreement(bad, ref, grad_out)
+    bench.check_agreement(ref, ref, grad_out)
+
+
+def test_append_rows_refuses_a_different_header(bench, tmp_path):
+    import harness
+
+    out = tmp_path / "x.csv"
+    harness.append_rows(out, [{"op": "a", "ms": 1.0}], "cpu")
+    with pytest.raises(ValueError, match="columns"):
+        harness.append_rows(out, [{"op": "a", "ms": 1.0, "gbs": 2.0}], "cpu")
+    assert len(_read(out)) == 1
