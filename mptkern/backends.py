@@ -56,19 +56,24 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
     """Turn ``backend`` ("auto" or a name) into the backend that will run on ``device``.
 
-    ``auto`` honours ``MPTKERN_BACKEND`` first, then picks ``triton`` for CUDA tensors and
-    ``torch`` otherwise. A forced backend that cannot run raises RuntimeError saying why.
+    ``auto`` honours ``MPTKERN_BACKEND`` first (when the op supports it), then picks ``triton`` for
+    CUDA tensors and ``torch`` otherwise. ``supported`` lists the backends the op has. A forced
+    backend that cannot run raises RuntimeError saying why.
     """
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend in BACKENDS and backend not in supported:
+            backend = "auto"  # a global preference does not apply to ops without that backend
         if backend == "auto":
-            backend = "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "torch"
-            return backend
+            gpu = device.type == "cuda" and "triton" in supported and why_unavailable("triton", device) is None
+            return "triton" if gpu else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend not in supported:
+        raise RuntimeError(f"backend {backend!r} is not implemented for this op (it has {supported})")
     reason = why_unavailable(backend, device)
     if reason:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")

@@ -25,3 +25,32 @@ def assert_within_baseline(actual, oracle, baseline, *, name="", floor=None):
     base = (baseline.double() - oracle).abs().max().item()
     scale = max(oracle.abs().max().item(), 1.0)
     assert err <= 2 * base + floor * scale, f"{name}: error {err:.3g} > 2 x baseline {base:.3g} + floor {floor * scale:.3g}"
+
+
+def prefix_attention(q, k, v, cu_seqlens, prefix_k=None, prefix_v=None, prefix_ids=None, *, prefix_lens=None,
+                     softmax_scale=None, window=None, sinks=None):
+    """Float64 (out (N, Hq, D), lse (N, Hq)): a loop over every query and head, keys listed by position."""
+    N, hq, dim = q.shape
+    g = hq // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else dim**-0.5
+    out = torch.zeros(N, hq, dim, dtype=torch.float64)
+    lse = torch.zeros(N, hq, dtype=torch.float64)
+    cu = cu_seqlens.tolist()
+    for b in range(len(cu) - 1):
+        pid = -1 if prefix_ids is None else int(prefix_ids[b])
+        plen = 0 if pid < 0 else (int(prefix_lens[pid]) if prefix_lens is not None else prefix_k.shape[1])
+        keys = [(p, prefix_k[pid, p], prefix_v[pid, p]) for p in range(plen)]
+        keys += [(plen + j, k[cu[b] + j], v[cu[b] + j]) for j in range(cu[b + 1] - cu[b])]
+        for i in range(cu[b + 1] - cu[b]):
+            pos = plen + i
+            seen = [(kk, vv) for p, kk, vv in keys if p <= pos and (window is None or p > pos - window)]
+            K = torch.stack([kk for kk, _ in seen]).double()  # (m, Hkv, D)
+            V = torch.stack([vv for _, vv in seen]).double()
+            for h in range(hq):
+                s = (K[:, h // g] @ q[cu[b] + i, h].double()) * scale
+                if sinks is not None:
+                    s = torch.cat([s, sinks[h].double().view(1)])
+                p = torch.softmax(s, 0)[: len(seen)]
+                out[cu[b] + i, h] = p @ V[:, h // g]
+                lse[cu[b] + i, h] = torch.logsumexp(s, 0)
+    return out, lse
