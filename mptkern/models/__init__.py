@@ -1,3 +1,7 @@
-from .default import load_default
+"""Hugging Face integration: the model registry, PromptedLM, and the embedded default model."""
 
-__all__ = ["load_default"]
+from mptkern.models.default import load_default
+from mptkern.models.prompted import PromptedLM, PromptedLMOutput
+from mptkern.models.registry import REGISTRY
+
+__all__ = ["load_default", "PromptedLM", "PromptedLMOutput", "REGISTRY"]
