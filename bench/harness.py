@@ -49,12 +49,26 @@ def time_fn(fn, *, device, warmup: float = 25, rep: float = 100) -> float:
     return statistics.median(times)
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def peak_memory(fn, device) -> int | None:
-    """Bytes allocated by one ``fn()`` call at its peak, above what was allocated before it (CUDA
-    caching-allocator counters, so outputs freed on return still count). None on CPU, where torch
-    keeps no such counter."""
+    """Bytes one ``fn()`` call needs at its peak, above what was in use before it.
+
+    CUDA: caching-allocator counters (outputs freed on return still count). CPU (Linux): the
+    process's resident-set high-water mark, reset through ``/proc/self/clear_refs`` before the call,
+    minus the resident set before it; it counts every allocation, torch's or not. None elsewhere."""
     if torch.device(device).type != "cuda":
-        return None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _rss_kib("VmRSS")
+        except OSError:
+            return None
+        fn()
+        return (_rss_kib("VmHWM") - before) * 1024
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
