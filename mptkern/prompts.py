@@ -158,6 +158,14 @@ class _PromptModule(nn.Module):
         """Names of the tasks (a copy), or None when the module was built without names."""
         return None if self._task_names is None else list(self._task_names)
 
+    def write_rows(self, task_ids: torch.Tensor, out: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        """Write task ``task_ids[b]``'s ``l`` prompt rows to ``out[row_offsets[b]:][:l]`` (differentiable).
+
+        ``out``: ``(R, d)`` buffer in the prompt's dtype, e.g. a packed embedding stream;
+        ``row_offsets``: ``(B,)`` integer. Returns ``out``."""
+        rows = (row_offsets[:, None] + torch.arange(self.prompt_len, device=out.device)).flatten()
+        return out.index_copy_(0, rows, self(task_ids).flatten(0, 1))
+
     def task_index(self, name: str) -> int:
         """Task id of ``name``; raises KeyError for an unknown name, ValueError without names."""
         if self._task_names is None:
@@ -435,6 +443,11 @@ class MultitaskPrompt(_PromptModule):
         return decomposed_prompts(
             self.prompt_embeddings, self.prefix_task_cols, self.prefix_task_rows, task_ids, backend=self.backend
         )
+
+    def write_rows(self, task_ids: torch.Tensor, out: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        """The fused op writes the prompt rows straight into ``out``: no intermediate prompts tensor."""
+        return decomposed_prompts(self.prompt_embeddings, self.prefix_task_cols, self.prefix_task_rows, task_ids,
+                                  out=out, row_offsets=row_offsets, backend=self.backend)
 
     @torch.no_grad()
     def init_from_text(self, embeddings: nn.Module | torch.Tensor, token_ids: Sequence[int] | torch.Tensor) -> None:

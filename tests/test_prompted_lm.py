@@ -5,7 +5,7 @@ import torch
 from transformers import GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mptkern.models import PromptedLM
-from mptkern.prompts import MultitaskPrompt
+from mptkern.prompts import MultitaskPrompt, TaskPrompts
 
 
 def tiny_llama():
@@ -52,10 +52,13 @@ def run(model, prompt, ids, mask, task_ids, labels, share):
     return out, grads
 
 
-def assert_same(model, prompt_len, ids, mask, task_ids, labels, atol=2e-5):
-    prompt = MultitaskPrompt(5, prompt_len, model.config.hidden_size, rank=2)
-    with torch.no_grad():
-        prompt.prompt_embeddings.normal_(0, 1)
+def assert_same(model, prompt_len, ids, mask, task_ids, labels, atol=2e-5, kind=MultitaskPrompt):
+    if kind is MultitaskPrompt:
+        prompt = MultitaskPrompt(5, prompt_len, model.config.hidden_size, rank=2)
+        with torch.no_grad():
+            prompt.prompt_embeddings.normal_(0, 1)
+    else:
+        prompt = TaskPrompts(5, prompt_len, model.config.hidden_size, init_std=1.0)
     shared, g_shared = run(model, prompt, ids, mask, task_ids, labels, True)
     concat, g_concat = run(model, prompt, ids, mask, task_ids, labels, False)
     real = mask.bool()
@@ -68,12 +71,13 @@ def assert_same(model, prompt_len, ids, mask, task_ids, labels, atol=2e-5):
     return shared, concat
 
 
+@pytest.mark.parametrize("kind", [MultitaskPrompt, TaskPrompts], ids=lambda k: k.__name__)
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right-pad", "left-pad"])
-def test_llama_shared_prefix_equals_concatenation(left_pad):
+def test_llama_shared_prefix_equals_concatenation(left_pad, kind):
     model = tiny_llama()
     ids, mask, labels = batch(6, 11, 128, [11, 4, 7, 1, 9, 11], left_pad)
     task_ids = torch.tensor([3, 0, 3, 3, 1, 0])  # repeated tasks; tasks 2 and 4 absent
-    assert_same(model, 5, ids, mask, task_ids, labels)
+    assert_same(model, 5, ids, mask, task_ids, labels, kind=kind)
 
 
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right-pad", "left-pad"])

@@ -128,10 +128,17 @@ class PromptedLM(nn.Module):
     def _forward_shared(self, input_ids, real, task_ids):
         B, n = input_ids.shape
         tasks, slot = torch.unique(task_ids, return_inverse=True)
-        prompts = self.prompt(tasks)  # (U, l, d): each task once
-        U, l, d = prompts.shape
-        embeds = self.model.get_input_embeddings()(input_ids[real]).to(prompts.dtype)  # (T, d) real tokens, row-major
-        stream = torch.cat([prompts.reshape(U * l, d), embeds])
+        U, l, d = tasks.numel(), self.prompt.prompt_len, self.prompt.hidden_size
+        # one stream: each task's prompt once, then the real tokens row-major; both are written in
+        # place, the prompt rows by the prompt module (the fused op for MultitaskPrompt), no cat pass
+        weight = self.model.get_input_embeddings().weight
+        dtype = self.prompt.dtype
+        stream = torch.empty(U * l + int(real.sum()), d, dtype=dtype, device=weight.device)
+        if weight.dtype == dtype:
+            torch.index_select(weight, 0, input_ids[real], out=stream[U * l :])
+        else:
+            stream[U * l :] = weight[input_ids[real]]
+        stream = self.prompt.write_rows(tasks, stream, torch.arange(U, device=stream.device) * l)
         lengths = real.sum(1)
         token_pos = l + real.cumsum(1)[real] - 1
         positions = torch.cat([torch.arange(l, device=stream.device).repeat(U), token_pos])
