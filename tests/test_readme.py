@@ -1,0 +1,16 @@
+"""The README's examples run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+BLOCKS = re.findall(r"```python\n(.*?)```", (Path(__file__).resolve().parent.parent / "README.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("code", BLOCKS, ids=[f"example{i}" for i in range(len(BLOCKS))])
+def test_readme_example_runs(code, tmp_path, monkeypatch):
+    if "load_default" in code:
+        pytest.importorskip("gguf")
+        monkeypatch.setenv("MPTKERN_CACHE", str(tmp_path))
+    exec(compile(code, "README.md", "exec"), {})
