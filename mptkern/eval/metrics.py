@@ -1,0 +1,165 @@
+"""Metrics per task type, on structures parsed from generated text.
+
+=================  ===========================================================================
+task type          metric
+=================  ===========================================================================
+ner                strict micro F1: an entity counts when its whitespace-collapsed span text and
+                   its type both equal a gold entity's; multiset semantics (a gold entity that
+                   occurs twice must be predicted twice; a repeated prediction beyond the gold
+                   count is a false positive)
+re                 strict micro F1 over ``(head, type, tail)``, the same way
+qa, nli            accuracy (an unparseable answer is wrong)
+summarization      ROUGE-L F1 averaged over examples: longest common subsequence of lower-cased
+                   alphanumeric tokens (the tokenization of Google's ``rouge-score`` without
+                   stemming), written here with no external package
+=================  ===========================================================================
+
+Micro F1 is ``2 tp / (2 tp + fp + fn)`` summed over all examples; precision ``tp / (tp + fp)`` and
+recall ``tp / (tp + fn)`` are 0 when their denominator is 0, except that with no gold and no
+prediction at all (nothing to find, nothing wrong) all three are 1.0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+
+from mptkern.data.schema import Entity, Example, Relation, Task, gold_output, parse_output
+
+__all__ = ["micro_prf", "entity_prf", "relation_prf", "accuracy", "rouge_l", "rouge_l_tokens", "mean_rouge_l",
+           "tokenize_rouge", "score"]
+
+
+def micro_prf(predicted: Iterable[Iterable[Hashable]], gold: Iterable[Iterable[Hashable]]) -> dict:
+    """Micro precision / recall / F1 over per-example multisets of hashable items.
+
+    Returns:
+        ``{"precision", "recall", "f1", "tp", "fp", "fn"}``.
+    """
+    tp = fp = fn = 0
+    for p_items, g_items in zip(predicted, gold, strict=True):
+        p, g = Counter(p_items), Counter(g_items)
+        hit = sum((p & g).values())
+        tp += hit
+        fp += sum(p.values()) - hit
+        fn += sum(g.values()) - hit
+    if tp == fp == fn == 0:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": precision, "recall": recall, "f1": 2 * tp / (2 * tp + fp + fn), "tp": tp, "fp": fp, "fn": fn}
+
+
+def entity_prf(predicted: Sequence[Sequence[Entity]], gold: Sequence[Sequence[Entity]]) -> dict:
+    """Strict micro P/R/F1 of entity lists per example, matched on ``Entity.key()`` = (text, type)."""
+    return micro_prf(([e.key() for e in p] for p in predicted), ([e.key() for e in g] for g in gold))
+
+
+def relation_prf(predicted: Sequence[Sequence[Relation]], gold: Sequence[Sequence[Relation]]) -> dict:
+    """Strict micro P/R/F1 of relation lists per example, matched on ``Relation.key()`` = (head, type, tail)."""
+    return micro_prf(([r.key() for r in p] for p in predicted), ([r.key() for r in g] for g in gold))
+
+
+def accuracy(predicted: Sequence, gold: Sequence) -> dict:
+    """Fraction of ``predicted[i] == gold[i]`` (None never equals a gold label).
+
+    Returns:
+        ``{"accuracy", "correct", "n"}`` (accuracy 0.0 for no examples).
+    """
+    if len(predicted) != len(gold):
+        raise ValueError(f"{len(predicted)} predictions for {len(gold)} gold answers")
+    correct = sum(p is not None and p == g for p, g in zip(predicted, gold))
+    return {"accuracy": correct / len(gold) if gold else 0.0, "correct": correct, "n": len(gold)}
+
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tokenize_rouge(text: str) -> list[str]:
+    """Lower-case alphanumeric runs: ``"Colonoscopy: 2 polyps, no bleeding."`` ->
+    ``["colonoscopy", "2", "polyps", "no", "bleeding"]``."""
+    return _TOKEN.findall(text.lower())
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_tokens(prediction: Sequence[str], reference: Sequence[str]) -> dict:
+    """ROUGE-L on token lists: ``P = lcs / len(prediction)``, ``R = lcs / len(reference)``,
+    ``F = 2PR / (P + R)``; all 0 when either list is empty (as ``rouge-score`` does).
+
+    Returns:
+        ``{"precision", "recall", "f1", "lcs"}``.
+    """
+    if not prediction or not reference:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "lcs": 0}
+    lcs = _lcs_length(prediction, reference)
+    p, r = lcs / len(prediction), lcs / len(reference)
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if lcs else 0.0, "lcs": lcs}
+
+
+def rouge_l(prediction: str, reference: str) -> dict:
+    """ROUGE-L of two texts after :func:`tokenize_rouge` (see :func:`rouge_l_tokens`)."""
+    return rouge_l_tokens(tokenize_rouge(prediction), tokenize_rouge(reference))
+
+
+def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Mean per-example ROUGE-L precision, recall and F1.
+
+    Returns:
+        ``{"precision", "recall", "f1", "n"}`` (zeros for no examples).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scores = [rouge_l(p, r) for p, r in zip(predictions, references)]
+    n = len(scores)
+    mean = lambda k: sum(s[k] for s in scores) / n if n else 0.0  # noqa: E731
+    return {"precision": mean("precision"), "recall": mean("recall"), "f1": mean("f1"), "n": n}
+
+
+def score(task: Task, predictions: Sequence[str], examples: Sequence[Example]) -> dict:
+    """Score generated texts against the examples' gold with the metric of ``task.type``.
+
+    Args:
+        task: the task (its output format decides how texts are parsed).
+        predictions: one generated text per example (EOS and padding already stripped).
+        examples: the gold examples, in the same order.
+
+    Returns:
+        ``{"task", "type", "metric", "score", "n", ...}``: ``metric`` is ``"micro_f1"`` (ner, re; plus
+        precision, recall, tp, fp, fn), ``"accuracy"`` (qa, nli; plus ``correct`` and ``unparsed``, the
+        count of texts that held no answer) or ``"rouge_l"`` (summarization; mean F1, plus mean
+        precision and recall). ``score`` is in [0, 1].
+    """
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    for ex in examples:
+        if ex.task != task.name:
+            raise ValueError(f"example of task {ex.task!r} scored as task {task.name!r}")
+    parsed = [parse_output(task, p) for p in predictions]
+    gold = [gold_output(task, ex) for ex in examples]
+    out = {"task": task.name, "type": task.type, "n": len(examples)}
+    if task.type == "ner":
+        res = entity_prf(parsed, gold)
+        out.update(metric="micro_f1", score=res["f1"], **res)
+    elif task.type == "re":
+        res = relation_prf(parsed, gold)
+        out.update(metric="micro_f1", score=res["f1"], **res)
+    elif task.type in ("qa", "nli"):
+        res = accuracy(parsed, gold)
+        out.update(metric="accuracy", score=res["accuracy"], correct=res["correct"],
+                   unparsed=sum(p is None for p in parsed))
+    else:
+        res = mean_rouge_l(parsed, gold)
+        out.update(metric="rouge_l", score=res["f1"], precision=res["precision"], recall=res["recall"])
+    return out
