@@ -54,3 +54,34 @@ def prefix_attention(q, k, v, cu_seqlens, prefix_k=None, prefix_v=None, prefix_i
                 out[cu[b] + i, h] = p @ V[:, h // g]
                 lse[cu[b] + i, h] = torch.logsumexp(s, 0)
     return out, lse
+
+
+def fused_distill_loss(student_hidden, teacher_hidden, weight, labels=None, *, temperature=1.0, kl_weight=1.0,
+                       ce_weight=0.0, hidden_weight=0.0, ignore_index=-100, reduction="mean"):
+    """Float64 distillation loss from full (N, V) logits: ``kl_weight*T^2*KL(p_t||p_s) + ce_weight*CE
+    + hidden_weight*MSE`` per valid token, then the reduction. Differentiable in every input."""
+    hs, ht, W = student_hidden.double(), teacher_hidden.double(), weight.double()
+    T = temperature
+    zs, zt = hs @ W.T, ht @ W.T
+    log_ps, log_pt = torch.log_softmax(zs / T, 1), torch.log_softmax(zt / T, 1)
+    kl = T * T * (log_pt.exp() * (log_pt - log_ps)).sum(1)
+    valid = torch.ones(hs.shape[0], dtype=torch.bool) if labels is None else (labels.cpu() != ignore_index)
+    valid = valid.to(hs.device)
+    loss = kl_weight * kl + hidden_weight * (hs - ht).square().mean(1)
+    if ce_weight:
+        safe = torch.where(valid, labels, 0)
+        loss = loss + ce_weight * -torch.log_softmax(zs, 1).gather(1, safe[:, None])[:, 0]
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / max(int(valid.sum()), 1)
+
+
+def fused_distill_loss_grad(student_hidden, teacher_hidden, weight, labels, grad, **kwargs):
+    """Float64 gradient of ``sum(fused_distill_loss(...) * grad)`` w.r.t. ``student_hidden``."""
+    hs = student_hidden.detach().double().requires_grad_()
+    out = fused_distill_loss(hs, teacher_hidden.detach(), weight.detach(), labels, **kwargs)
+    (g,) = torch.autograd.grad(out, hs, grad.double())
+    return g

@@ -1,6 +1,7 @@
 """Fused ops, one file each: torch path, Triton kernels, cuda (csrc/) path, autograd, dispatch."""
 
 from mptkern.ops.decomposed_prompts import decomposed_prompts
+from mptkern.ops.distill_loss import fused_distill_loss
 from mptkern.ops.prefix_attention import prefix_attention
 
-__all__ = ["decomposed_prompts", "prefix_attention"]
+__all__ = ["decomposed_prompts", "fused_distill_loss", "prefix_attention"]
