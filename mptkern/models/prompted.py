@@ -69,11 +69,14 @@ def _attention_implementation(model, name: str):
 @dataclasses.dataclass
 class PromptedLMOutput:
     """``hidden_states (B, n, d)`` final (normed) hidden states of the input tokens; ``logits (B, n, V)``
-    or None; ``loss`` scalar or None. Values at padding positions are unspecified."""
+    or None; ``loss`` scalar or None; ``predictor_hidden (B, n, d)``: the hidden state that predicts
+    token j (its prompt's last row for j = 0), what a loss on token j needs. Values at padding
+    positions are unspecified."""
 
     hidden_states: torch.Tensor
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
+    predictor_hidden: torch.Tensor | None = None
 
 
 class PromptedLM(nn.Module):
@@ -123,7 +126,7 @@ class PromptedLM(nn.Module):
             # predictors[b, j]: the hidden state that predicts token j of row b
             loss = F.cross_entropy(self.model.lm_head(predictors[valid]).float(), labels[valid]) if valid.any() else \
                 predictors.sum() * 0.0
-        return PromptedLMOutput(hidden, logits, loss)
+        return PromptedLMOutput(hidden, logits, loss, predictors)
 
     def _forward_shared(self, input_ids, real, task_ids):
         B, n = input_ids.shape
