@@ -70,6 +70,7 @@ class TrainConfig:
     target: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(steps=30, batch_size=8))
     target_init: TargetConfig = dataclasses.field(default_factory=TargetConfig)
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["prompt_tuning", "lora"])
+    fused: bool = True  # shared-prefix packing + fused_distill_loss; False: concatenation + full-logit losses
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,13 +95,13 @@ def from_dict(cls, data: dict):
 def load_config(path: str | Path) -> TrainConfig:
     """A TrainConfig from a ``.yaml``/``.yml`` or ``.json`` file (missing keys keep their defaults)."""
     path = Path(path)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"config file must end in .yaml, .yml or .json: {path}")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
         import yaml
 
         data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ValueError(f"config file must end in .yaml, .yml or .json: {path}")
     return from_dict(TrainConfig, data)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 import math
 import random
 import statistics
@@ -43,6 +44,16 @@ def _batches(sampler, steps: int, per_step: int) -> list[list[int]]:
         out.extend(list(sampler))
         epoch += 1
     return out[: steps * per_step]
+
+
+def _plain_distill_loss(h_s, h_t, weight, labels, *, temperature, kl_weight, ce_weight, hidden_weight):
+    """The distillation objective written plainly with full logits: the reference for the fused path."""
+    z_s, z_t = (h_s @ weight.t()).float(), (h_t @ weight.t()).float()
+    log_ps, log_pt = torch.log_softmax(z_s / temperature, -1), torch.log_softmax(z_t / temperature, -1)
+    kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    ce = torch.nn.functional.cross_entropy(z_s, labels, reduction="none")
+    mse = (h_s.float() - h_t.float()).square().mean(-1)
+    return (kl_weight * kl + ce_weight * ce + hidden_weight * mse).mean()
 
 
 def _schedule(cfg: StageConfig):
@@ -111,6 +122,13 @@ class MPTTrainer:
     def _collator(self, tasks):
         return Collator(self.tokenizer, {t.name: i for i, t in enumerate(tasks)}, max_length=256)
 
+    def _seed(self, name: str) -> None:
+        """Seed torch for the random initialisation of ``name``: runs are a function of the config."""
+        torch.manual_seed(zlib.crc32(f"{self.config.seed}-{name}".encode()))
+
+    def _lm(self, prompt) -> PromptedLM:
+        return PromptedLM(self.model, prompt, share_prefix=self.config.fused)
+
     def _log(self, record: dict) -> None:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -153,7 +171,7 @@ class MPTTrainer:
             for micro in range(cfg.grad_accum):
                 loss, n_tok = step_loss(step, micro)
                 (loss / cfg.grad_accum).backward()
-                total += float(loss) / cfg.grad_accum
+                total += float(loss.detach()) / cfg.grad_accum
                 tokens += n_tok
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -172,11 +190,12 @@ class MPTTrainer:
     def train_teachers(self) -> TaskPrompts:
         """One free prompt per source task, all trained together with batches mixing tasks."""
         cfg, tasks = self.config.teachers, self.sources
+        self._seed("teachers")
         teachers = TaskPrompts(len(tasks), self.config.prompt_len, self.hidden, task_names=[t.name for t in tasks])
         for i, t in enumerate(tasks):
             self._text_init(teachers, t, i)
         teachers.to(self.device, self.dtype)
-        lm, collate, examples = PromptedLM(self.model, teachers), self._collator(tasks), flatten(tasks)
+        lm, collate, examples = self._lm(teachers), self._collator(tasks), flatten(tasks)
         sampler = MixedTaskSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed)
         batches = _batches(sampler, cfg.steps, cfg.grad_accum)
 
@@ -194,13 +213,14 @@ class MPTTrainer:
         teachers through the same frozen backbone: CE + T^2 KL + hidden MSE at the target positions,
         by ``fused_distill_loss`` (no logits tensor)."""
         cfg, loss_cfg, tasks = self.config.distill, self.config.distill_loss, self.sources
+        self._seed("distill")
         student = MultitaskPrompt(len(tasks), self.config.prompt_len, self.hidden, rank=self.config.rank,
                                   task_names=[t.name for t in tasks])
         with torch.no_grad():  # P* starts at the teachers' mean; U V near ones, so every task starts there
             student.prompt_embeddings.copy_(teachers.prompts.float().mean(0))
         student.to(self.device, self.dtype)
         teachers.requires_grad_(False)
-        s_lm, t_lm = PromptedLM(self.model, student), PromptedLM(self.model, teachers)
+        s_lm, t_lm = self._lm(student), self._lm(teachers)
         collate, examples = self._collator(tasks), flatten(tasks)
         sampler = TaskSubsetSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed + 1, min_tasks=loss_cfg.min_tasks)
         batches = _batches(sampler, cfg.steps, cfg.grad_accum)
@@ -213,11 +233,11 @@ class MPTTrainer:
                 t_out = t_lm(*args, return_logits=False)
             s_out = s_lm(*args, return_logits=False)
             valid = b["labels"] != -100
-            loss = fused_distill_loss(
-                s_out.predictor_hidden[valid], t_out.predictor_hidden[valid], head, b["labels"][valid],
-                temperature=loss_cfg.temperature, kl_weight=loss_cfg.kl_weight, ce_weight=loss_cfg.ce_weight,
-                hidden_weight=loss_cfg.hidden_weight,
-            )
+            h_s, h_t, labels = s_out.predictor_hidden[valid], t_out.predictor_hidden[valid], b["labels"][valid]
+            weights = dict(temperature=loss_cfg.temperature, kl_weight=loss_cfg.kl_weight,
+                           ce_weight=loss_cfg.ce_weight, hidden_weight=loss_cfg.hidden_weight)
+            loss = (fused_distill_loss(h_s, h_t, head, labels, **weights) if self.config.fused
+                    else _plain_distill_loss(h_s, h_t, head, labels, **weights))
             return loss, int(b["attention_mask"].sum())
 
         self._train("distill", student, cfg, step_loss)
@@ -228,7 +248,7 @@ class MPTTrainer:
         """Train ``module`` (a prompt, or the LoRA-wrapped model) on the k examples ``train``."""
         cfg = self.config.target
         collate = self._collator([task])
-        lm = None if lora_model is not None else PromptedLM(self.model, module)
+        lm = None if lora_model is not None else self._lm(module)
 
         def step_loss(step, micro):
             rng = random.Random(f"{name}-{step}-{micro}")
@@ -283,6 +303,7 @@ class MPTTrainer:
 
     def _adapt_one(self, method, student, task, train, k, seed) -> dict:
         name = f"target-{task.name}-k{k}-s{seed}-{method}"
+        self._seed(name)
         if method == "mpt":
             prompt = MultitaskPrompt.from_source(student, self.config.target_init.init, num_tasks=1, task_names=[task.name])
             params = sum(p.numel() for p in prompt.parameters())
