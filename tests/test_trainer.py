@@ -115,3 +115,14 @@ def test_full_run_writes_results_and_adapter(tmp_path, small_backbone):
     assert (tmp_path / "student_adapter" / "adapter_model.safetensors").exists()
     table = MPTTrainer.format_results(results)
     assert tr.targets[0].name in table and "trainable" in table
+
+
+def test_paper_driver_lists_missing_data(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "python" / "paper_setting.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--data-root", str(tmp_path),
+                           "--output-dir", str(tmp_path / "run"), "--dry-run"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "missing data files" in proc.stderr
