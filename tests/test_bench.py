@@ -81,3 +81,16 @@ def test_append_rows_refuses_a_different_header(bench, tmp_path):
     with pytest.raises(ValueError, match="columns"):
         harness.append_rows(out, [{"op": "a", "ms": 1.0, "gbs": 2.0}], "cpu")
     assert len(_read(out)) == 1
+
+
+def test_prefix_attention_bench_on_cpu_checks_agreement_and_refuses_to_time(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_prefix_attention
+
+    out = tmp_path / "prefix_attention.csv"
+    assert bench_prefix_attention.main(["--device", "cpu", "--out", str(out)]) == 0
+    assert "timing refused" in capsys.readouterr().out
+    assert not out.exists()
+    monkeypatch.setattr(bench_prefix_attention, "prefix_attention_decode", lambda *a, **k: torch.zeros(3, 4, 16))
+    with pytest.raises(bench_prefix_attention.Disagreement, match="decode"):
+        bench_prefix_attention.smoke()

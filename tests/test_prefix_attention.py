@@ -3,8 +3,21 @@ import importlib
 import pytest
 import torch
 
+from mptkern import backends
 from mptkern.ops import prefix_attention
+from mptkern.ops.prefix_attention import prefix_attention_decode
 from tests import reference as ref
+
+MOD = importlib.import_module("mptkern.ops.prefix_attention")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    reason = backends.why_unavailable(request.param, DEVICE)
+    if reason:
+        pytest.skip(f"{request.param} unavailable on {DEVICE.type}: {reason}")
+    return request.param
 
 
 def _case(lens, P, Lp, hq, hkv, dim, prefix_ids, dtype=torch.float32, seed=0, sinks=False):
@@ -21,20 +34,22 @@ def _case(lens, P, Lp, hq, hkv, dim, prefix_ids, dtype=torch.float32, seed=0, si
 
 CASES = [
     # lens, P, Lp, Hq, Hkv, D, prefix_ids, window, sinks
-    ([1], 1, 5, 2, 2, 8, [0], None, False),
+    ([1], 1, 5, 2, 2, 16, [0], None, False),
     ([7, 1, 37], 2, 5, 4, 1, 16, [1, -1, 0], None, True),
-    ([37, 7], 1, 100, 8, 1, 8, [0, 0], 16, True),  # window shorter than the prefix
-    ([129], 0, 0, 4, 4, 8, None, 64, False),  # no prefix at all
+    ([37, 7], 1, 100, 8, 1, 16, [0, 0], 16, True),  # window shorter than the prefix
+    ([129], 0, 0, 4, 4, 16, None, 64, False),  # no prefix at all
     ([7, 37, 5], 3, 5, 4, 2, 16, [2, 2, -1], 300, True),  # window longer than prefix + input
-    ([5, 9], 2, 12, 2, 2, 8, [1, 0], 6, False),
+    ([5, 9], 2, 12, 2, 2, 16, [1, 0], 6, False),
+    ([37, 1, 20, 7], 3, 100, 8, 1, 32, [2, 0, 2, -1], 120, True),  # 100-token prefix shared, window inside it
+    ([37, 129], 2, 100, 4, 4, 16, [1, 1], None, False),  # prefix 0 unused
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"lens{c[0]}-P{c[1]}-Lp{c[2]}-g{c[3] // c[4]}-w{c[7]}-s{int(c[8])}")
-def test_matches_float64_oracle_with_gradients(case):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"lens{c[0]}-P{c[1]}-Lp{c[2]}-g{c[3] // c[4]}-d{c[5]}-w{c[7]}-s{int(c[8])}")
+def test_matches_float64_oracle_with_gradients(case, backend):
     lens, P, Lp, hq, hkv, dim, pids, window, sinks = case
     q, k, v, cu, pk, pv, ids, s = _case(lens, P, Lp, hq, hkv, dim, pids, sinks=sinks)
-    out, lse = prefix_attention(q, k, v, cu, pk, pv, ids, window=window, sinks=s, return_lse=True)
+    out, lse = prefix_attention(q, k, v, cu, pk, pv, ids, window=window, sinks=s, return_lse=True, backend=backend)
     args = [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in (q, k, v, cu, pk, pv, ids, s)]
     r_out, r_lse = ref.prefix_attention(*args[:7], window=window, sinks=args[7])
     torch.testing.assert_close(out.double(), r_out, atol=2e-6, rtol=1e-5)
@@ -48,10 +63,10 @@ def test_matches_float64_oracle_with_gradients(case):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
 
 
-def test_prefix_lens_and_shared_prefix_gradient_sums_over_sequences():
-    q, k, v, cu, pk, pv, ids, _ = _case([4, 6, 3], 2, 8, 2, 1, 8, [1, 1, 0])
+def test_prefix_lens_and_shared_prefix_gradient_sums_over_sequences(backend):
+    q, k, v, cu, pk, pv, ids, _ = _case([4, 6, 3], 2, 8, 2, 1, 16, [1, 1, 0])
     lens = torch.tensor([3, 8])
-    out = prefix_attention(q, k, v, cu, pk, pv, ids, prefix_lens=lens)
+    out = prefix_attention(q, k, v, cu, pk, pv, ids, prefix_lens=lens, backend=backend)
     r_out, _ = ref.prefix_attention(q, k, v, cu, pk, pv, ids, prefix_lens=lens)
     torch.testing.assert_close(out.double(), r_out, atol=2e-6, rtol=1e-5)
     dpk, = torch.autograd.grad(out.sum(), pk)
@@ -60,18 +75,33 @@ def test_prefix_lens_and_shared_prefix_gradient_sums_over_sequences():
     per_seq = []
     for b in (0, 1):
         sl = slice(int(cu[b]), int(cu[b + 1]))
-        o = prefix_attention(q[sl], k[sl], v[sl], torch.tensor([0, sl.stop - sl.start], dtype=torch.int32), pk, pv, ids[b:b + 1])
+        o = prefix_attention(q[sl], k[sl], v[sl], torch.tensor([0, sl.stop - sl.start], dtype=torch.int32), pk, pv, ids[b:b + 1],
+                             backend=backend)
         per_seq.append(torch.autograd.grad(o.sum(), pk)[0][1])
     torch.testing.assert_close(dpk[1], per_seq[0] + per_seq[1])
 
 
-def test_bf16_within_twice_plain_torch_error():
-    q, k, v, cu, pk, pv, ids, s = _case([7, 37], 2, 5, 4, 2, 16, [1, 0], dtype=torch.bfloat16, sinks=True)
-    out = prefix_attention(q, k, v, cu, pk, pv, ids, sinks=s, window=20)
-    r_out, _ = ref.prefix_attention(q, k, v, cu, pk, pv, ids, sinks=s, window=20)
+@pytest.mark.parametrize("shipped_blocks", [False, True], ids=["small-tiles", "shipped-tiles"])
+def test_bf16_within_twice_plain_torch_error(backend, shipped_blocks, monkeypatch):
+    if shipped_blocks:
+        if backend == "torch":
+            pytest.skip("tile sizes are the triton backend's")
+        monkeypatch.setattr(MOD, "INTERPRET_BLOCK", None)  # the GPU's 16-bit configurations
+    q, k, v, cu, pk, pv, ids, s = _case([7, 37, 129], 2, 100, 4, 2, 16, [1, 0, 1], dtype=torch.bfloat16, sinks=True)
+    out = prefix_attention(q, k, v, cu, pk, pv, ids, sinks=s, window=120, backend=backend)
+    args = [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in (q, k, v, cu, pk, pv, ids, s)]
+    r_out, _ = ref.prefix_attention(*args[:7], sinks=args[7], window=120)
     # plain torch in bf16: the oracle's math done on bf16 inputs rounded to bf16 output
     plain = r_out.to(torch.bfloat16)
     ref.assert_within_baseline(out, r_out, plain, name="bf16 out")
+    # gradients: the baseline is the torch backend run in bf16
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    leaves = (q, k, v, pk, pv, s)
+    got = torch.autograd.grad(out, leaves, grad)
+    base = torch.autograd.grad(prefix_attention(q, k, v, cu, pk, pv, ids, sinks=s, window=120, backend="torch"), leaves, grad)
+    want = torch.autograd.grad(r_out, [args[i] for i in (0, 1, 2, 4, 5, 7)], grad.double())
+    for name, a, b, w in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dsinks"), got, base, want):
+        ref.assert_within_baseline(a, w, b, name=f"bf16 {name}")
 
 
 def test_memory_is_per_sequence_not_packed_batch(monkeypatch):
@@ -119,3 +149,210 @@ def test_bad_input(override, message):
 def test_forced_backend_without_kernel_says_so():
     with pytest.raises(RuntimeError, match="not implemented for this op"):
         prefix_attention(torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.tensor([0, 2], dtype=torch.int32), backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# triton backend specifics
+# ----------------------------------------------------------------------------------------------
+def _triton_or_skip():
+    reason = backends.why_unavailable("triton", DEVICE)
+    if reason:
+        pytest.skip(f"triton unavailable on {DEVICE.type}: {reason}")
+
+
+def _grads(out, leaves, seed=5):
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+
+
+def test_head_dim_64_with_shipped_tiles(monkeypatch):
+    """The shipped fp32 tile sizes (not the interpreter's small ones) on a D=64 case."""
+    _triton_or_skip()
+    monkeypatch.setattr(MOD, "INTERPRET_BLOCK", None)
+    q, k, v, cu, pk, pv, ids, s = _case([129, 37], 2, 100, 4, 1, 64, [1, 1], sinks=True)
+    out, lse = prefix_attention(q, k, v, cu, pk, pv, ids, window=50, sinks=s, return_lse=True, backend="triton")
+    args = [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in (q, k, v, cu, pk, pv, ids, s)]
+    r_out, r_lse = ref.prefix_attention(*args[:7], window=50, sinks=args[7])
+    torch.testing.assert_close(out.double(), r_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), r_lse, atol=2e-6, rtol=1e-5)
+    got = _grads(out, (q, k, v, pk, pv, s))
+    want = _grads(r_out, [args[i] for i in (0, 1, 2, 4, 5, 7)])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_gradients_are_bit_identical_across_runs():
+    _triton_or_skip()
+    q, k, v, cu, pk, pv, ids, s = _case([37, 7, 20, 1], 2, 100, 4, 1, 16, [1, 1, -1, 1], sinks=True)
+    runs = []
+    for _ in range(2):
+        out = prefix_attention(q, k, v, cu, pk, pv, ids, window=64, sinks=s, backend="triton")
+        runs.append((out, *_grads(out, (q, k, v, pk, pv, s))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_window_skips_tiles_nobody_sees():
+    """Prefix keys 0..79 are outside every query's window (positions >= 100, window 16): the kernels
+    must never load them, so NaN there cannot reach any output or gradient."""
+    _triton_or_skip()
+    q, k, v, cu, pk, pv, ids, _ = _case([129, 20], 1, 100, 2, 1, 16, [0, 0])
+    with torch.no_grad():
+        pk[0, :80] = float("nan")
+        pv[0, :80] = float("nan")
+    out = prefix_attention(q, k, v, cu, pk, pv, ids, window=16, backend="triton")
+    assert torch.isfinite(out).all()
+    dq, dk, dv, dpk, dpv = _grads(out, (q, k, v, pk, pv))
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    assert torch.count_nonzero(dpk[0, :80]) == 0 and torch.count_nonzero(dpv[0, :80]) == 0
+    clean = [t.detach().clone().requires_grad_() for t in (pk, pv)]
+    with torch.no_grad():
+        for t in clean:
+            t[0, :80] = 0.0
+    r_out, _ = ref.prefix_attention(q, k, v, cu, clean[0], clean[1], ids, window=16)
+    torch.testing.assert_close(out.double(), r_out, atol=2e-6, rtol=1e-5)
+
+
+def test_strided_views_as_prompted_lm_passes_them():
+    """q/k/v as transposed (1, H, N, D) views and the prefix as rows of k itself, as in PromptedLM."""
+    _triton_or_skip()
+    g = torch.Generator().manual_seed(4)
+    U, l, lens, hq, hkv, dim = 2, 5, [7, 9, 3], 4, 2, 16
+    N = U * l + sum(lens)
+    qh, kh, vh = (torch.randn(1, h, N, dim, generator=g).requires_grad_() for h in (hq, hkv, hkv))
+    cu = torch.tensor([0] + torch.tensor([l] * U + lens).cumsum(0).tolist(), dtype=torch.int32)
+    ids = torch.tensor([-1] * U + [1, 0, 1])
+    outs = {}
+    for b in ("torch", "triton"):
+        q, k, v = (t[0].transpose(0, 1) for t in (qh, kh, vh))
+        pk, pv = (t[: U * l].reshape(U, l, hkv, dim) for t in (k, v))
+        out = prefix_attention(q, k, v, cu, pk, pv, ids, window=8, backend=b)
+        outs[b] = (out, *_grads(out, (qh, kh, vh)))
+    for a, b in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_unsupported_head_dim_raises_when_forced_and_falls_back_on_auto(monkeypatch):
+    _triton_or_skip()
+    q, k, v, cu, pk, pv, ids, _ = _case([5], 1, 3, 2, 2, 8, [0])
+    with pytest.raises(ValueError, match="head dims"):
+        prefix_attention(q, k, v, cu, pk, pv, ids, backend="triton")
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    out = prefix_attention(q, k, v, cu, pk, pv, ids)  # torch, since the kernels do not take D=8
+    torch.testing.assert_close(out, prefix_attention(q, k, v, cu, pk, pv, ids, backend="torch"))
+
+
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    if backends.why_unavailable("triton", torch.device("cuda")) is None:
+        assert backends.resolve("auto", torch.device("cuda"), supported=MOD.SUPPORTED_BACKENDS) == "triton"
+    assert backends.resolve("auto", torch.device("cpu"), supported=MOD.SUPPORTED_BACKENDS) == "torch"
+
+
+def test_torch_compile_fullgraph_triton():
+    _triton_or_skip()
+    q, k, v, cu, pk, pv, ids, s = _case([7, 5], 2, 5, 4, 2, 16, [1, 0], sinks=True)
+
+    def f(q, k, v, pk, pv, s):
+        return (prefix_attention(q, k, v, cu, pk, pv, ids, window=6, sinks=s, backend="triton") * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = (q, k, v, pk, pv, s)
+    loss = compiled(*leaves)
+    expect = f(*leaves)
+    torch.testing.assert_close(loss, expect)
+    for a, b in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expect, leaves)):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck_triton_ops():
+    _triton_or_skip()
+    q, k, v, cu, pk, pv, ids, s = _case([3, 4], 2, 3, 2, 1, 16, [1, -1], sinks=True)
+    args = (q, k, v, cu, pk, pv, ids.to(torch.int32), None, s, 0.25, 4)
+    torch.library.opcheck(torch.ops.mptkern.prefix_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------
+DECODE_CASES = [
+    # cache_lens, S, P, Lp, Hq, Hkv, D, prefix_ids, prefix_lens, window, sinks
+    ([1, 40, 17, 5], 40, 2, 37, 8, 2, 16, [0, 1, -1, 1], [37, 20], None, True),
+    ([3, 129], 129, 1, 100, 8, 1, 32, [0, 0], None, 16, True),  # window shorter than the prefix
+    ([7, 1], 8, 0, 0, 4, 4, 16, None, None, 5, False),  # no prefix
+    ([37], 40, 1, 5, 4, 1, 64, [0], None, 300, False),  # window longer than prefix + cache
+]
+
+
+@pytest.mark.parametrize("splits", [1, 64], ids=["one-split", "split-k"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"n{c[0]}-Lp{c[3]}-g{c[4] // c[5]}-d{c[6]}-w{c[9]}-s{int(c[10])}")
+def test_decode_is_the_last_row_of_prefill(case, splits, backend, monkeypatch):
+    if backend == "torch" and splits > 1:
+        pytest.skip("split-K is the triton kernel's")
+    monkeypatch.setattr(MOD, "DECODE_TARGET_PROGRAMS", splits)
+    n, S, P, Lp, hq, hkv, dim, pids, plens, window, sinks = case
+    g = torch.Generator().manual_seed(7)
+    B = len(n)
+    q = torch.randn(B, hq, dim, generator=g)
+    kc, vc = torch.randn(B, S, hkv, dim, generator=g), torch.randn(B, S, hkv, dim, generator=g)
+    pk, pv = (torch.randn(P, Lp, hkv, dim, generator=g) for _ in range(2)) if P else (None, None)
+    ids = torch.tensor(pids) if P else None
+    lens = torch.tensor(plens) if plens else None
+    s = torch.randn(hq, generator=g) if sinks else None
+    out, lse = prefix_attention_decode(q, kc, vc, torch.tensor(n), pk, pv, ids, prefix_lens=lens, window=window, sinks=s,
+                                       return_lse=True, backend=backend)
+    # the same tokens as a prefill: earlier queries are arbitrary, the last one is q
+    qf = torch.cat([torch.cat([torch.randn(m - 1, hq, dim, generator=g), q[b : b + 1]]) for b, m in enumerate(n)])
+    kf, vf = (torch.cat([c[b, :m] for b, m in enumerate(n)]) for c in (kc, vc))
+    cu = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
+    r_out, r_lse = ref.prefix_attention(qf, kf, vf, cu, pk, pv, ids, prefix_lens=lens, window=window, sinks=s)
+    last = cu[1:].long() - 1
+    torch.testing.assert_close(out.double(), r_out[last], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), r_lse[last], atol=2e-6, rtol=1e-5)
+
+
+def test_decode_bad_input():
+    q, kc = torch.randn(2, 4, 16), torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match="k_cache and v_cache must have shape"):
+        prefix_attention_decode(q, kc, torch.randn(2, 8, 2, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="cache_lens must be an integer tensor of shape"):
+        prefix_attention_decode(q, kc, kc, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="heads"):
+        prefix_attention_decode(torch.randn(2, 3, 16), kc, kc, torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# model level: PromptedLM with the triton backend equals the torch backend
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llama", "gpt_oss"])
+def test_prompted_lm_triton_matches_torch(model_type, monkeypatch):
+    import functools
+
+    from mptkern.models import PromptedLM, prompted
+    from mptkern.prompts import MultitaskPrompt
+    from tests.test_prompted_lm import batch, tiny_gpt_oss, tiny_llama
+
+    _triton_or_skip()
+    model = tiny_llama() if model_type == "llama" else tiny_gpt_oss(window=8)  # gpt-oss: sinks, window < l + n
+    ids, mask, labels = batch(5, 12, 128, [12, 3, 9, 12, 6], left_pad=True)
+    task_ids = torch.tensor([4, 4, 1, 0, 1])
+    prompt = MultitaskPrompt(5, 6, model.config.hidden_size, rank=2)
+    with torch.no_grad():
+        prompt.prompt_embeddings.normal_(0, 1)
+    calls = []
+    real_fwd, real_bwd = MOD._fwd_triton, MOD._bwd_triton
+    monkeypatch.setattr(MOD, "_fwd_triton", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(MOD, "_bwd_triton", lambda *a: calls.append("bwd") or real_bwd(*a))
+    results = {}
+    for b in ("torch", "triton"):
+        monkeypatch.setattr(prompted, "prefix_attention", functools.partial(prefix_attention, backend=b))
+        prompt.zero_grad(set_to_none=True)
+        out = PromptedLM(model, prompt)(ids, mask, task_ids, labels)
+        out.loss.backward()
+        results[b] = (out.loss.detach(), {k: p.grad.clone() for k, p in prompt.named_parameters()})
+    assert calls.count("fwd") == calls.count("bwd") == model.config.num_hidden_layers
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
+    for name, g in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], g, atol=2e-5, rtol=1e-4, msg=name)
+        assert g.abs().sum() > 0

@@ -2,6 +2,6 @@
 
 from mptkern.ops.decomposed_prompts import decomposed_prompts
 from mptkern.ops.distill_loss import fused_distill_loss
-from mptkern.ops.prefix_attention import prefix_attention
+from mptkern.ops.prefix_attention import prefix_attention, prefix_attention_decode
 
-__all__ = ["decomposed_prompts", "fused_distill_loss", "prefix_attention"]
+__all__ = ["decomposed_prompts", "fused_distill_loss", "prefix_attention", "prefix_attention_decode"]
