@@ -533,45 +533,116 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # torch path (any device; the reference the kernels are held to)
 # ----------------------------------------------------------------------------------------------
-def _attend_one(q, k, v, n_prefix: int, scale: float, window, sinks):
-    """One sequence. q (n, Hq, D); k, v (n_prefix + n, Hkv, D). Returns out (n, Hq, D), lse (n, Hq) fp32."""
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the torch path: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(q, k, n_prefix: int, scale: float, window):
+    """fp32 masked scores of one sequence: q (n, Hq, D), k (n_prefix + n, Hkv, D) -> (Hkv, G, n, m)."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
-    g = hq // hkv
-    # (Hkv, G, n, D) x (Hkv, m, D) -> (Hkv, G, n, m): GQA without repeating K/V
-    qh = q.permute(1, 0, 2).reshape(hkv, g, n, dim)
-    scores = torch.matmul(qh.float(), k.permute(1, 2, 0).float().unsqueeze(1)) * scale
+    # (Hkv, G, n, D) x (Hkv, D, m): GQA without repeating K
+    acc = _acc(q.dtype)
+    qh = q.permute(1, 0, 2).reshape(hkv, hq // hkv, n, dim).to(acc)
+    scores = torch.matmul(qh, k.permute(1, 2, 0).to(acc).unsqueeze(1)) * scale
     q_pos = n_prefix + torch.arange(n, device=q.device)
     k_pos = torch.arange(n_prefix + n, device=q.device)
     allowed = k_pos[None, :] <= q_pos[:, None]  # prefix keys precede every own token
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.masked_fill(~allowed, float("-inf")), qh
+
+
+def _attend_one(q, k, v, n_prefix: int, scale: float, window, sinks):
+    """One sequence. q (n, Hq, D); k, v (n_prefix + n, Hkv, D). Returns out (n, Hq, D) fp32, lse (n, Hq) fp32."""
+    n, hq, dim = q.shape
+    hkv = k.shape[1]
+    scores, _ = _scores(q, k, n_prefix, scale, window)
     lse = torch.logsumexp(scores, dim=-1)  # (Hkv, G, n)
     if sinks is not None:
-        lse = torch.logaddexp(lse, sinks.float().view(hkv, g, 1))
+        lse = torch.logaddexp(lse, sinks.to(scores.dtype).view(hkv, hq // hkv, 1))
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = torch.matmul(probs.to(v.dtype), v.permute(1, 0, 2).unsqueeze(1))  # (Hkv, G, n, D)
+    out = torch.matmul(probs, v.permute(1, 0, 2).to(scores.dtype).unsqueeze(1))  # (Hkv, G, n, D)
     return out.reshape(hq, n, dim).permute(1, 0, 2), lse.reshape(hq, n).t()
 
 
-def _prefix_attention_torch(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks):
-    outs, lses = [], []
+def _torch_plan(cu, prefix_ids, prefix_lens, prefix_k):
+    """(start, end, prefix id, prefix length) of every non-empty sequence."""
     bounds = cu.tolist()
     pids = prefix_ids.tolist() if prefix_ids is not None else [-1] * (len(bounds) - 1)
     plens = prefix_lens.tolist() if prefix_lens is not None else None
+    plan = []
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if e == s:
-            continue
-        kb, vb, n_prefix = k[s:e], v[s:e], 0
-        if pids[b] >= 0:
-            n_prefix = plens[pids[b]] if plens is not None else prefix_k.shape[1]
-            kb = torch.cat([prefix_k[pids[b], :n_prefix], kb])
-            vb = torch.cat([prefix_v[pids[b], :n_prefix], vb])
-        o, lse = _attend_one(q[s:e], kb, vb, n_prefix, scale, window, sinks)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+        if e > s:
+            pid = pids[b]
+            plan.append((s, e, pid, 0 if pid < 0 else (plens[pid] if plens is not None else prefix_k.shape[1])))
+    return plan
+
+
+def _keys(t, prefix, s, e, pid, n_prefix):
+    return torch.cat([prefix[pid, :n_prefix], t[s:e]]) if n_prefix else t[s:e]
+
+
+class _TorchPrefixAttention(torch.autograd.Function):
+    """The torch path, one sequence at a time, with a hand-written backward that recomputes each
+    sequence's probabilities from the saved LSE (flash-attention's recipe) and writes gradients
+    straight into preallocated buffers: memory is O(n (L + n)) for one sequence at a time, and no
+    per-sequence slice makes autograd touch the whole packed batch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, sinks, plan, scale, window):
+        out = torch.empty(q.shape, dtype=_acc(q.dtype), device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=_acc(q.dtype), device=q.device)
+        for s, e, pid, n_prefix in plan:
+            o, l = _attend_one(q[s:e], _keys(k, prefix_k, s, e, pid, n_prefix), _keys(v, prefix_v, s, e, pid, n_prefix),
+                               n_prefix, scale, window, sinks)
+            out[s:e], lse[s:e] = o, l
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, sinks, out, lse)
+        ctx.plan, ctx.scale, ctx.window = plan, scale, window
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, prefix_k, prefix_v, sinks, out, lse = ctx.saved_tensors
+        hq, dim, hkv = q.shape[1], q.shape[2], k.shape[1]
+        g = hq // hkv
+        f32 = dict(dtype=_acc(q.dtype), device=q.device)
+        dq, dk, dv = torch.zeros(q.shape, **f32), torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
+        dpk = torch.zeros(prefix_k.shape, **f32) if prefix_k is not None else None
+        dpv = torch.zeros(prefix_v.shape, **f32) if prefix_v is not None else None
+        dsinks = torch.zeros(hq, **f32) if sinks is not None else None
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
+        for s, e, pid, n_prefix in ctx.plan:
+            n = e - s
+            kb = _keys(k, prefix_k, s, e, pid, n_prefix)
+            vb = _keys(v, prefix_v, s, e, pid, n_prefix).permute(1, 0, 2).to(out.dtype).unsqueeze(1)  # (Hkv, 1, m, D)
+            scores, qh = _scores(q[s:e], kb, n_prefix, ctx.scale, ctx.window)
+            l = lse[s:e].t().reshape(hkv, g, n, 1)
+            p = torch.exp(scores - l)  # (Hkv, G, n, m)
+            do = dout[s:e].permute(1, 0, 2).reshape(hkv, g, n, dim)
+            o = out[s:e].permute(1, 0, 2).reshape(hkv, g, n, dim)
+            delta = (do * o).sum(-1, keepdim=True)  # rowsum(dO * O)
+            dl = dlse[s:e].t().reshape(hkv, g, n, 1) if dlse is not None else 0.0
+            ds = p * (torch.matmul(do, vb.transpose(-1, -2)) - delta + dl)  # dL/dscores
+            dq[s:e] = (torch.matmul(ds, kb.permute(1, 0, 2).to(out.dtype).unsqueeze(1)) * ctx.scale).reshape(hq, n, dim).permute(1, 0, 2)
+            dkb = (torch.matmul(ds.transpose(-1, -2), qh) * ctx.scale).sum(1).permute(1, 0, 2)  # (m, Hkv, D)
+            dvb = torch.matmul(p.transpose(-1, -2), do).sum(1).permute(1, 0, 2)
+            dk[s:e], dv[s:e] = dkb[n_prefix:], dvb[n_prefix:]
+            if n_prefix:
+                dpk[pid, :n_prefix] += dkb[:n_prefix]
+                dpv[pid, :n_prefix] += dvb[:n_prefix]
+            if sinks is not None:  # d lse / d sink = p_sink; d out / d sink = -p_sink * out
+                p_sink = torch.exp(sinks.to(out.dtype).view(hkv, g, 1, 1) - l)
+                dsinks += (p_sink * (dl - delta)).sum((2, 3)).reshape(hq)
+        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+        return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dpk, prefix_k), cast(dpv, prefix_v), cast(dsinks, sinks),
+                None, None, None)
+
+
+def _prefix_attention_torch(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks):
+    plan = _torch_plan(cu, prefix_ids, prefix_lens, prefix_k)
+    return _TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, sinks, plan, scale, window)
 
 
 def _validate(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks, values=True):
