@@ -147,3 +147,13 @@ def test_model_attention_setting_is_restored():
     lm = PromptedLM(model, MultitaskPrompt(2, 3, 64))
     lm(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4), torch.tensor([1]))
     assert model.config._attn_implementation == before
+
+
+def test_loss_without_valid_labels_is_zero_with_zero_gradient():
+    prompt = MultitaskPrompt(2, 3, 64)
+    lm = PromptedLM(tiny_llama(), prompt)
+    ids = torch.ones(2, 4, dtype=torch.long)
+    out = lm(ids, torch.ones(2, 4), torch.tensor([0, 1]), torch.full((2, 4), -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in prompt.parameters())

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from mptkern.models.registry import entry_for
-from mptkern.ops import prefix_attention
+from mptkern.ops import fused_distill_loss, prefix_attention
 
 ATTENTION_NAME = "mptkern_prefix"
 
@@ -122,10 +122,11 @@ class PromptedLM(nn.Module):
         logits = self.model.lm_head(hidden) if return_logits else None
         loss = None
         if labels is not None:
-            valid = labels != -100
-            # predictors[b, j]: the hidden state that predicts token j of row b
-            loss = F.cross_entropy(self.model.lm_head(predictors[valid]).float(), labels[valid]) if valid.any() else \
-                predictors.sum() * 0.0
+            # predictors[b, j]: the hidden state that predicts token j of row b; the fused loss drops
+            # ignored rows and never builds a (tokens, vocab) logits tensor
+            h = predictors.reshape(-1, predictors.shape[-1])
+            loss = fused_distill_loss(h, h.detach(), self.model.lm_head.weight, labels.reshape(-1),
+                                      kl_weight=0.0, ce_weight=1.0)
         return PromptedLMOutput(hidden, logits, loss, predictors)
 
     def _forward_shared(self, input_ids, real, task_ids):
