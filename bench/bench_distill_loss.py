@@ -27,12 +27,11 @@ import harness
 from mptkern import backends
 from mptkern.ops import fused_distill_loss
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = harness.DTYPES
 TOLS = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-class Disagreement(AssertionError):
-    """A contender's loss or gradient differs from torch eager: it is not timed."""
+Disagreement = harness.Disagreement
 
 
 @dataclass

@@ -41,13 +41,12 @@ import harness
 from mptkern.ops import prefix_attention
 from mptkern.ops.prefix_attention import prefix_attention_decode
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = harness.DTYPES
 HEADS = {128: (32, 8), 64: (64, 8)}
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
-class Disagreement(AssertionError):
-    pass
+Disagreement = harness.Disagreement
 
 
 def _agree(name, got, want):

@@ -23,13 +23,12 @@ import harness
 from mptkern import backends
 from mptkern.ops import decomposed_prompts
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = harness.DTYPES
 # agreement with eager, relative to the largest reference magnitude (atol) and per element (rtol)
 TOLS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-class Disagreement(AssertionError):
-    """A contender's output or gradients differ from torch eager: it is not timed."""
+Disagreement = harness.Disagreement
 
 
 @dataclass

@@ -21,6 +21,11 @@ from pathlib import Path
 import torch
 
 VERSIONED = ("torch", "triton", "transformers", "peft", "liger-kernel")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Disagreement(AssertionError):
+    """A contender's result differs from the reference contender's: it is not timed."""
 ROOT = Path(__file__).resolve().parent.parent
 
 
