@@ -98,6 +98,11 @@ class MPTTrainer:
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.hidden = self.model.config.hidden_size
+        # data parallel under torchrun: each rank runs its share of every step's micro-batches and
+        # only the prompt (trainable) gradients are all-reduced
+        dist = torch.distributed
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
 
     # ------------------------------------------------------------------ setup
     def _load_model(self):
@@ -126,10 +131,16 @@ class MPTTrainer:
         """Seed torch for the random initialisation of ``name``: runs are a function of the config."""
         torch.manual_seed(zlib.crc32(f"{self.config.seed}-{name}".encode()))
 
+    def _micro(self, cfg: StageConfig) -> int:
+        """Micro-batches per optimiser step over all ranks: the same data whatever the world size."""
+        return cfg.grad_accum * self.world
+
     def _lm(self, prompt) -> PromptedLM:
         return PromptedLM(self.model, prompt, share_prefix=self.config.fused)
 
     def _log(self, record: dict) -> None:
+        if self.rank:
+            return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -160,19 +171,30 @@ class MPTTrainer:
             start, losses = state["step"], state["losses"]
 
         def checkpoint(step):
-            trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-            save_checkpoint(ckpt_path, dict(params=trainable, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                            step=step, losses=losses))
+            if self.rank == 0:
+                trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+                save_checkpoint(ckpt_path, dict(params=trainable, optimizer=opt.state_dict(),
+                                                scheduler=sched.state_dict(), step=step, losses=losses))
+            if self.world > 1:
+                torch.distributed.barrier()
 
-        bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps, leave=False)
-        t0, tokens = time.perf_counter(), 0
+        bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps, leave=False,
+                   disable=self.rank != 0)
+        t0, tokens, micros = time.perf_counter(), 0, self._micro(cfg)
         for step in bar:
-            total = 0.0
-            for micro in range(cfg.grad_accum):
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for micro in range(self.rank, micros, self.world):
                 loss, n_tok = step_loss(step, micro)
-                (loss / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
+                (loss / micros).backward()
+                total += loss.detach().double() / micros
                 tokens += n_tok
+            if self.world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+                torch.distributed.all_reduce(total)
+            total = float(total)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -197,10 +219,10 @@ class MPTTrainer:
         teachers.to(self.device, self.dtype)
         lm, collate, examples = self._lm(teachers), self._collator(tasks), flatten(tasks)
         sampler = MixedTaskSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed)
-        batches = _batches(sampler, cfg.steps, cfg.grad_accum)
+        batches = _batches(sampler, cfg.steps, self._micro(cfg))
 
         def step_loss(step, micro):
-            b = {k: v.to(self.device) for k, v in collate([examples[i] for i in batches[step * cfg.grad_accum + micro]]).items()}
+            b = {k: v.to(self.device) for k, v in collate([examples[i] for i in batches[step * self._micro(cfg) + micro]]).items()}
             out = lm(b["input_ids"], b["attention_mask"], b["task_ids"], b["labels"], return_logits=False)
             return out.loss, int(b["attention_mask"].sum())
 
@@ -223,11 +245,11 @@ class MPTTrainer:
         s_lm, t_lm = self._lm(student), self._lm(teachers)
         collate, examples = self._collator(tasks), flatten(tasks)
         sampler = TaskSubsetSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed + 1, min_tasks=loss_cfg.min_tasks)
-        batches = _batches(sampler, cfg.steps, cfg.grad_accum)
+        batches = _batches(sampler, cfg.steps, self._micro(cfg))
         head = self.model.lm_head.weight
 
         def step_loss(step, micro):
-            b = {k: v.to(self.device) for k, v in collate([examples[i] for i in batches[step * cfg.grad_accum + micro]]).items()}
+            b = {k: v.to(self.device) for k, v in collate([examples[i] for i in batches[step * self._micro(cfg) + micro]]).items()}
             args = (b["input_ids"], b["attention_mask"], b["task_ids"])
             with torch.no_grad():
                 t_out = t_lm(*args, return_logits=False)
@@ -337,9 +359,11 @@ class MPTTrainer:
         per-(target, method, k, seed) results (also written to ``results.json``)."""
         teachers = self.train_teachers()
         student = self.distill(teachers)
-        student.to_peft(self.out / "student_adapter")
+        if self.rank == 0:
+            student.to_peft(self.out / "student_adapter")
         results = self.adapt_targets(student)
-        (self.out / "results.json").write_text(json.dumps(results, indent=1))
+        if self.rank == 0:
+            (self.out / "results.json").write_text(json.dumps(results, indent=1))
         return results
 
     @staticmethod
