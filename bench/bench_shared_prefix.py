@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 import torch
@@ -95,14 +94,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args)))
         return 0
 
-    results = {}
-    for name in args.contenders.split(","):
-        child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", name]
-        proc = subprocess.run(child, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{name} failed")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = harness.run_isolated(__file__, argv if argv is not None else sys.argv[1:], args.contenders.split(","))
     losses = {r["loss"] for r in results.values()}
     base = results.get("peft-mpt") or next(iter(results.values()))
     rows = []

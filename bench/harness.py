@@ -177,3 +177,19 @@ def append_rows(csv_path, rows: list[dict], device) -> Path:
             w.writeheader()
         w.writerows(rows)
     return path
+
+
+def run_isolated(script: str, argv: list[str], contenders) -> dict:
+    """Run ``script --only NAME`` once per contender, each in a fresh process (so peak memory is its
+    own), and collect the JSON dict each prints as its last line."""
+    import json
+    import sys
+
+    results = {}
+    for name in contenders:
+        proc = subprocess.run([sys.executable, script, *argv, "--only", name], capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
