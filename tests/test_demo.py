@@ -6,7 +6,7 @@ import pytest
 from mptkern import demo
 
 
-def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch):
+def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch, capsys):
     """The demo's wiring at a seconds-long size: every stage, every method, the report table."""
     pytest.importorskip("gguf")
     pytest.importorskip("peft")
@@ -23,6 +23,13 @@ def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch):
     assert "held-out targets" in report and "% of the model" in report
     assert (tmp_path / "run" / "student_adapter" / "adapter_config.json").exists()
     assert (tmp_path / "run" / "results.json").exists()
+    # `mptkern eval` scores the exported student on its source tasks
+    (tmp_path / "eval.yaml").write_text("max_new_tokens: 4\ndata:\n  n_train: 4\n  n_eval: 2\n")
+    from mptkern import cli
+
+    assert cli.main(["eval", "--adapter", str(tmp_path / "run" / "student_adapter"), "--config", str(tmp_path / "eval.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "med_ner" in out and "(n=2)" in out
 
 
 def test_cli_env_reports_backends():

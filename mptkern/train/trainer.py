@@ -144,14 +144,10 @@ class MPTTrainer:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _text_init(self, prompt, task, index: int | None = None) -> None:
-        """Start a prompt from the embeddings of the task's instruction (PEFT's TEXT init)."""
+    def _text_init(self, prompt: TaskPrompts, task, index: int) -> None:
+        """Start task ``index``'s prompt from the embeddings of the task's instruction (PEFT's TEXT init)."""
         ids = self.tokenizer(task.instruction, add_special_tokens=False)["input_ids"]
-        emb = self.model.get_input_embeddings()
-        if isinstance(prompt, TaskPrompts):
-            prompt.init_from_text(emb, ids, task=index)
-        else:
-            prompt.init_from_text(emb, ids)
+        prompt.init_from_text(self.model.get_input_embeddings(), ids, task=index)
 
     # ------------------------------------------------------------------ the loop
     def _train(self, name: str, module: torch.nn.Module, cfg: StageConfig, step_loss, params=None) -> list[float]:
