@@ -1,0 +1,403 @@
+"""``MultiTaskEngine``: one frozen causal LM serving many task prompts with continuous batching.
+
+Each task's prompt K/V is computed once at every layer (on first use) and kept in a per-layer pool;
+a request's own cache holds only its input and generated tokens, in one contiguous slab per request
+slot and layer, the layout :func:`mptkern.ops.prefix_attention_decode` reads. Every step runs the
+model once over one packed stream ``[prefill tokens of newly admitted requests | one token per
+decoding request]``: the host plans the step once (:class:`_StepPlan`: positions, ``cu_seqlens``,
+prefix ids, slab write indices), then the attention function registered here only runs, per layer:
+it writes the step's keys/values into the slabs, runs :func:`mptkern.ops.prefix_attention` on the
+prefill rows (task prefix + causal own tokens) and ``prefix_attention_decode`` on the decode rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+from mptkern.models.prompted import _attention_implementation
+from mptkern.models.registry import entry_for
+from mptkern.ops import prefix_attention, prefix_attention_decode
+from mptkern.prompts import MultitaskPrompt
+
+ATTENTION_NAME = "mptkern_engine"
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request. ``task`` names a registered task; give ``text`` or ``input_ids``.
+    ``temperature == 0`` is greedy; otherwise sampling (with ``top_p``) from a ``torch.Generator``
+    seeded by ``seed`` (a random seed when None). Generation stops at EOS, at any of ``stop`` (the
+    text is cut before it), or after ``max_new_tokens``."""
+
+    task: str
+    text: str | None = None
+    input_ids: Sequence[int] | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclasses.dataclass
+class Result:
+    """``token_ids``: the generated tokens (an EOS that ended generation included, as in HF
+    ``generate``); ``text``: their decoding without special tokens, cut before a stop string;
+    ``finish_reason``: ``"stop"`` (EOS or stop string) or ``"length"``; times in seconds from the
+    start of the ``generate`` call."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    time_to_first_token: float
+    total_time: float
+
+
+@dataclasses.dataclass(eq=False)
+class _Running:
+    index: int  # position in the generate() call
+    request: Request
+    input_ids: list[int]
+    task: str
+    slot: int = -1
+    length: int = 0  # own tokens in the slab
+    generated: list[int] = dataclasses.field(default_factory=list)
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _StepPlan:
+    """Everything the attention function needs for one step, built once on the host."""
+
+    mode: str  # "capture" (prompt K/V of one task) or "step"
+    num_prefill: int = 0  # rows of the stream that are prefill tokens
+    prefill_cu: torch.Tensor | None = None  # (P+1,) int32
+    prefill_prefix: torch.Tensor | None = None  # (P,) pool index of each prefill sequence
+    write_slot: torch.Tensor | None = None  # (N,) slab slot of each stream row
+    write_pos: torch.Tensor | None = None  # (N,) row inside the slab
+    decode_rows: torch.Tensor | None = None  # (R,) slots decoding this step, in stream order
+    cache_lens: torch.Tensor | None = None  # (max_running,) valid rows per slot after the write (1 if idle)
+    slot_prefix: torch.Tensor | None = None  # (max_running,) pool index per slot (-1 if idle)
+    decode_q: torch.Tensor | None = None  # (max_running, Hq, D) workspace, allocated by the first layer
+    captured: list | None = None  # capture mode: per layer (k, v)
+
+
+class MultiTaskEngine:
+    """Offline multi-task generation engine over a frozen Hugging Face causal LM.
+
+    Args:
+        model: a ``*ForCausalLM`` whose ``config.model_type`` is in :mod:`mptkern.models.registry`.
+        tokenizer: with ``encode(text, add_special_tokens=False)`` and ``decode(ids, skip_special_tokens=True)``.
+        prompts: the tasks: a mapping of task name to a one-task prompt module, to ``(module, index)``,
+            or to a PEFT MultitaskPromptTuning adapter directory (one task); or a prompt module with
+            ``task_names`` (every named task is registered).
+        max_batch_tokens: stream rows per step (prefill tokens plus one per decoding request).
+        max_running: request slots (requests decoding at once).
+        max_seq_len: a request's own tokens (input plus generated) at most: the slab length.
+
+    EOS ids come from ``model.generation_config.eos_token_id``, else ``tokenizer.eos_token_id``.
+    Admission is first come, first served: a waiting request joins when a slot is free and its
+    input fits in what the step's decode rows leave of ``max_batch_tokens``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, prompts, *, max_batch_tokens: int = 512, max_running: int = 16,
+                 max_seq_len: int = 1024):
+        if min(max_batch_tokens, max_running, max_seq_len) < 1:
+            raise ValueError("max_batch_tokens, max_running and max_seq_len must be >= 1")
+        if max_batch_tokens < max_running:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_running ({max_running})")
+        self.entry = entry_for(model.config)
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.max_batch_tokens, self.max_running, self.max_seq_len = max_batch_tokens, max_running, max_seq_len
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+        weight = model.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_shape = (self.num_layers, max_running, max_seq_len, cfg.num_key_value_heads, head_dim)
+        self._slab_k = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
+        self._slab_v = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
+        self._tasks: dict[str, tuple[nn.Module, int]] = {}
+        self._prefix_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (layers, l, Hkv, D) each
+        self._pool = None  # (pool_k, pool_v, prefix_lens, task -> pool index), rebuilt when tasks change
+        if isinstance(prompts, nn.Module):
+            self._add_module_tasks(prompts)
+        elif isinstance(prompts, Mapping):
+            for name, prompt in prompts.items():
+                self.add_task(name, prompt)
+        else:
+            raise TypeError(f"prompts must be a mapping of task names or a prompt module with task_names, got {type(prompts).__name__}")
+
+    # -- tasks --------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._tasks)
+
+    def _add_module_tasks(self, module: nn.Module) -> None:
+        names = getattr(module, "task_names", None)
+        if not names:
+            raise ValueError("a prompt module given without names must have task_names")
+        for i, name in enumerate(names):
+            self.add_task(name, (module, i))
+
+    def add_task(self, name: str, prompt) -> None:
+        """Register ``name``: a one-task prompt module, ``(module, index)`` or a PEFT adapter directory.
+        Its prefix K/V is computed on first use."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"task name must be a non-empty string, got {name!r}")
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is already registered")
+        if isinstance(prompt, (str, os.PathLike)):
+            prompt = MultitaskPrompt.from_peft(prompt)
+        module, index = prompt if isinstance(prompt, tuple) else (prompt, 0)
+        if not isinstance(module, nn.Module) or not isinstance(index, int):
+            raise TypeError(f"task {name!r}: expected a prompt module, (module, index) or a PEFT directory, got {prompt!r}")
+        if not 0 <= index < module.num_tasks:
+            raise ValueError(f"task {name!r}: index {index} out of range for a module with {module.num_tasks} tasks")
+        if isinstance(prompt, nn.Module) and module.num_tasks != 1:
+            raise ValueError(f"task {name!r}: the module holds {module.num_tasks} tasks; pass (module, index)")
+        if module.hidden_size != self.model.config.hidden_size:
+            raise ValueError(f"task {name!r}: prompt hidden size {module.hidden_size} != model hidden size {self.model.config.hidden_size}")
+        self._tasks[name] = (module, index)
+
+    def remove_task(self, name: str) -> None:
+        """Unregister ``name`` and free its prefix K/V."""
+        if name not in self._tasks:
+            raise ValueError(f"unknown task {name!r}; tasks are {self.task_names}")
+        del self._tasks[name]
+        if self._prefix_kv.pop(name, None) is not None:
+            self._pool = None
+
+    @torch.no_grad()
+    def _ensure_prefix(self, name: str) -> None:
+        """Run the decoder body on the task's prompt (positions 0..l-1) and keep every layer's K/V."""
+        if name in self._prefix_kv:
+            return
+        module, index = self._tasks[name]
+        embeds = module(torch.tensor([index], device=module.device))[0].to(self.device, self.dtype)
+        l = embeds.shape[0]
+        plan = _StepPlan("capture", captured=[None] * self.num_layers)
+        self._run_body(embeds, torch.arange(l, device=self.device), plan)
+        self._prefix_kv[name] = tuple(torch.stack(t) for t in zip(*plan.captured))
+        self._pool = None
+
+    def _pool_for(self):
+        if self._pool is None:
+            names = list(self._prefix_kv)
+            lens = [self._prefix_kv[n][0].shape[1] for n in names]
+            L = max(lens)
+            pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, L - t.shape[1]))  # noqa: E731
+            pool_k = torch.stack([pad(self._prefix_kv[n][0]) for n in names], 1)  # (layers, P, L, Hkv, D)
+            pool_v = torch.stack([pad(self._prefix_kv[n][1]) for n in names], 1)
+            self._pool = (pool_k, pool_v, torch.tensor(lens, device=self.device), {n: i for i, n in enumerate(names)})
+        return self._pool
+
+    # -- model --------------------------------------------------------------------------------
+    def _run_body(self, embeds, positions, plan):
+        with _attention_implementation(self.model, ATTENTION_NAME):
+            out = self.model.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                                   mptkern_engine=(self, plan))
+        return out.last_hidden_state[0]
+
+    def _attend(self, layer, q, k, v, plan, scaling, window, sinks):
+        """Per layer: q (N, Hq, D), k/v (N, Hkv, D) of the step's stream -> (N, Hq, D)."""
+        if plan.mode == "capture":
+            plan.captured[layer] = (k.clone(), v.clone())
+            cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+            return prefix_attention(q, k, v, cu, softmax_scale=scaling, window=window, sinks=sinks)
+        pool_k, pool_v, pool_lens, _ = self._pool
+        slab_k, slab_v = self._slab_k[layer], self._slab_v[layer]
+        slab_k[plan.write_slot, plan.write_pos] = k
+        slab_v[plan.write_slot, plan.write_pos] = v
+        P = plan.num_prefill
+        parts = []
+        if P:
+            parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, pool_k[layer], pool_v[layer],
+                                          plan.prefill_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
+                                          window=window, sinks=sinks))
+        if q.shape[0] > P:
+            # every slot runs (idle ones on one row, no prefix) so shapes stay fixed; keep the decoding rows
+            if plan.decode_q is None:
+                plan.decode_q = q.new_zeros(self.max_running, *q.shape[1:])
+            plan.decode_q[plan.decode_rows] = q[P:]
+            out = prefix_attention_decode(plan.decode_q, slab_k, slab_v, plan.cache_lens, pool_k[layer], pool_v[layer],
+                                          plan.slot_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
+                                          window=window, sinks=sinks)
+            parts.append(out[plan.decode_rows])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _prepare(self, index: int, request: Request) -> _Running:
+        if not isinstance(request, Request):
+            raise TypeError(f"request {index} must be a Request, got {type(request).__name__}")
+        if request.task not in self._tasks:
+            raise ValueError(f"request {index}: unknown task {request.task!r}; tasks are {self.task_names}")
+        if (request.text is None) == (request.input_ids is None):
+            raise ValueError(f"request {index}: give exactly one of text and input_ids")
+        if request.text is not None:
+            ids = list(self.tokenizer.encode(request.text, add_special_tokens=False))
+        else:
+            ids = [int(t) for t in request.input_ids]
+        if not ids:
+            raise ValueError(f"request {index}: empty input")
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"request {index}: token ids must lie in [0, {vocab})")
+        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+            raise ValueError(f"request {index}: max_new_tokens must be an int >= 1, got {request.max_new_tokens!r}")
+        if request.temperature < 0 or not 0 < request.top_p <= 1:
+            raise ValueError(f"request {index}: need temperature >= 0 and 0 < top_p <= 1")
+        if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
+            raise ValueError(f"request {index}: stop must be a sequence of non-empty strings")
+        total = len(ids) + request.max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"request {index}: input ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceeds max_seq_len ({self.max_seq_len})")
+        if len(ids) > self.max_batch_tokens:
+            raise ValueError(f"request {index}: input ({len(ids)} tokens) exceeds max_batch_tokens ({self.max_batch_tokens})")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        module, _ = self._tasks[request.task]
+        if limit is not None and module.prompt_len + total > limit:
+            raise ValueError(f"request {index}: prompt ({module.prompt_len}) + input + max_new_tokens ({total}) "
+                             f"exceeds the model's max_position_embeddings ({limit})")
+        gen = None
+        if request.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            if request.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(request.seed)
+        return _Running(index, request, ids, request.task, generator=gen)
+
+    def _plan(self, prefill: list[_Running], decode: list[_Running]):
+        """Host planning of one step: the packed stream's embeddings and positions and the plan."""
+        _, _, _, pool_index = self._pool_for()
+        dev = self.device
+        prompt_len = {r.task: self._prefix_kv[r.task][0].shape[1] for r in prefill + decode}
+        ids, positions, write_slot, write_pos, seqlens = [], [], [], [], []
+        for r in prefill:
+            n = len(r.input_ids)
+            ids += r.input_ids
+            positions += range(prompt_len[r.task], prompt_len[r.task] + n)
+            write_slot += [r.slot] * n
+            write_pos += range(n)
+            seqlens.append(n)
+        cache_lens = [1] * self.max_running
+        slot_prefix = [-1] * self.max_running
+        for r in decode:
+            ids.append(r.generated[-1])
+            positions.append(prompt_len[r.task] + r.length)
+            write_slot.append(r.slot)
+            write_pos.append(r.length)
+            cache_lens[r.slot] = r.length + 1
+            slot_prefix[r.slot] = pool_index[r.task]
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        plan = _StepPlan(
+            "step", num_prefill=sum(seqlens),
+            prefill_cu=F.pad(as_long(seqlens).cumsum(0), (1, 0)).to(torch.int32),
+            prefill_prefix=as_long([pool_index[r.task] for r in prefill]),
+            write_slot=as_long(write_slot), write_pos=as_long(write_pos),
+            decode_rows=as_long([r.slot for r in decode]),
+            cache_lens=as_long(cache_lens), slot_prefix=as_long(slot_prefix),
+        )
+        # rows whose logits are needed: each prefill sequence's last token, every decode token
+        last = torch.cat([plan.prefill_cu[1:].long() - 1, torch.arange(plan.num_prefill, len(ids), device=dev)])
+        embeds = self.model.get_input_embeddings()(as_long(ids))
+        return embeds, as_long(positions), plan, last
+
+    def _sample(self, logits: torch.Tensor, r: _Running) -> int:
+        req = r.request
+        if req.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / req.temperature, -1)
+        if req.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+    def _finish_check(self, r: _Running, token: int) -> None:
+        req = r.request
+        if token in self.eos_ids:
+            r.finish_reason = "stop"
+        elif req.stop:
+            text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+            cuts = [text.find(s) for s in req.stop if s in text]
+            if cuts:
+                r.text, r.finish_reason = text[: min(cuts)], "stop"
+        if r.finish_reason is None and len(r.generated) >= req.max_new_tokens:
+            r.finish_reason = "length"
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[Request]) -> list[Result]:
+        """Generate for every request with continuous batching; results in request order.
+        Raises ValueError (before any work) for unknown tasks, empty or too long inputs."""
+        start = time.perf_counter()
+        waiting = deque(self._prepare(i, r) for i, r in enumerate(requests))
+        results: list[Result | None] = [None] * len(waiting)
+        running: list[_Running] = []
+        free = list(range(self.max_running - 1, -1, -1))
+        while waiting or running:
+            decode = list(running)
+            budget = self.max_batch_tokens - len(decode)
+            prefill = []
+            while waiting and free and len(waiting[0].input_ids) <= budget:
+                r = waiting.popleft()
+                r.slot = free.pop()
+                budget -= len(r.input_ids)
+                self._ensure_prefix(r.task)
+                prefill.append(r)
+            embeds, positions, plan, last = self._plan(prefill, decode)
+            hidden = self._run_body(embeds, positions, plan)
+            logits = self.model.lm_head(hidden[last])
+            now = time.perf_counter()
+            for i, (r, row) in enumerate(zip(prefill + decode, logits)):
+                r.length += len(r.input_ids) if i < len(prefill) else 1
+                token = self._sample(row, r)
+                r.generated.append(token)
+                if r.first_token_time is None:
+                    r.first_token_time = now - start
+                self._finish_check(r, token)
+            running = []
+            for r in decode + prefill:
+                if r.finish_reason is None:
+                    running.append(r)
+                    continue
+                free.append(r.slot)
+                text = r.text if r.text is not None else self.tokenizer.decode(r.generated, skip_special_tokens=True)
+                results[r.index] = Result(text, r.generated, len(r.input_ids), len(r.generated), r.finish_reason,
+                                          r.first_token_time, now - start)
+        return results
+
+
+def _engine_attention_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                         s_aux=None, mptkern_engine=None, **kwargs):
+    """transformers attention function: query (1, Hq, N, D), key/value (1, Hkv, N, D) -> (1, N, Hq, D)."""
+    if mptkern_engine is None:
+        raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside MultiTaskEngine")
+    engine, plan = mptkern_engine
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = engine._attend(module.layer_idx, q, k, v, plan, scaling, sliding_window, s_aux)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _engine_attention_hf)

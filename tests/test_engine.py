@@ -1,0 +1,229 @@
+"""MultiTaskEngine: greedy outputs equal HF generate on the PEFT-style concatenated prompt."""
+
+import pytest
+import torch
+from transformers import GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from mptkern.models.prompted import _attention_implementation
+from mptkern.models.registry import entry_for
+from mptkern.prompts import MultitaskPrompt, TaskPrompts
+from mptkern.serve import MultiTaskEngine, Request
+
+EOS = 2
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def tiny_gpt_oss(window=8):
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, sliding_window=window, num_local_experts=4, num_experts_per_tok=2,
+                       layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                       eos_token_id=EOS)
+    model = GptOssForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 1)  # nonzero sinks
+    return model
+
+
+class CharTokenizer:
+    """Token t <-> chr(ord('a') + t % 26), EOS is special (dropped by skip_special_tokens)."""
+
+    eos_token_id = EOS
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) - ord("a") + 3 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + t % 26) for t in ids if not (skip_special_tokens and t == EOS))
+
+
+def prompts(model, seed=0):
+    """Three tasks of two different prompt lengths: two from a MultitaskPrompt, one TaskPrompts."""
+    torch.manual_seed(seed)
+    d = model.config.hidden_size
+    multi = MultitaskPrompt(2, 6, d, rank=2, task_names=["ner", "qa"])
+    single = TaskPrompts(1, 4, d, init_std=1.0)
+    with torch.no_grad():
+        multi.prompt_embeddings.normal_(0, 1)
+    return {"ner": (multi, 0), "qa": (multi, 1), "cls": single}
+
+
+def hf_greedy(model, prompt_rows, ids, max_new_tokens):
+    embeds = torch.cat([prompt_rows, model.get_input_embeddings()(torch.tensor(ids))])[None]
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    with _attention_implementation(model, entry_for(model.config).reference_attention), torch.no_grad():
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=EOS, pad_token_id=0)
+    return out[0].tolist()
+
+
+def prompt_rows(spec):
+    module, index = spec if isinstance(spec, tuple) else (spec, 0)
+    with torch.no_grad():
+        return module(torch.tensor([index]))[0]
+
+
+def mixed_requests(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tasks = ["ner", "qa", "cls"]
+    reqs = []
+    for i in range(n):
+        length = int(torch.randint(1, 12, (1,), generator=g))
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        reqs.append(Request(tasks[i % 3], input_ids=ids, max_new_tokens=int(torch.randint(1, 10, (1,), generator=g))))
+    return reqs
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt_oss], ids=["llama-gqa", "gpt-oss-sinks-window"])
+def test_greedy_matches_hf_generate(make):
+    model = make()
+    specs = prompts(model)
+    engine = MultiTaskEngine(model, CharTokenizer(), specs, max_batch_tokens=24, max_running=3, max_seq_len=32)
+    reqs = mixed_requests(8)
+    results = engine.generate(reqs)
+    assert len(results) == len(reqs)
+    for req, res in zip(reqs, results):
+        expected = hf_greedy(model, prompt_rows(specs[req.task]), req.input_ids, req.max_new_tokens)
+        assert res.token_ids == expected, req
+        assert res.prompt_tokens == len(req.input_ids) and res.completion_tokens == len(expected)
+        assert res.finish_reason == ("stop" if expected[-1] == EOS else "length")
+        assert 0 < res.time_to_first_token <= res.total_time
+
+
+def engine_for(model, specs=None, **kw):
+    kw = {"max_batch_tokens": 24, "max_running": 3, "max_seq_len": 32, **kw}
+    return MultiTaskEngine(model, CharTokenizer(), prompts(model) if specs is None else specs, **kw)
+
+
+def test_eos_stops_like_hf():
+    model = tiny_llama()
+    specs = prompts(model)
+    req = Request("qa", input_ids=[5, 9, 40, 77], max_new_tokens=8)
+    free = engine_for(model, specs).generate([req])[0].token_ids
+    model.generation_config.eos_token_id = free[2]  # make the third generated token the EOS
+    res = engine_for(model, specs).generate([req])[0]
+    assert res.token_ids == free[: free.index(free[2]) + 1]
+    assert res.finish_reason == "stop"
+    embeds = torch.cat([prompt_rows(specs["qa"]), model.get_input_embeddings()(torch.tensor(req.input_ids))])[None]
+    with torch.no_grad():
+        hf = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                            do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert res.token_ids == hf[0].tolist()
+
+
+def test_stop_strings_and_max_new_tokens():
+    model = tiny_llama()
+    engine = engine_for(model)
+    base = Request("ner", text="patientdenies", max_new_tokens=9)
+    free = engine.generate([base])[0]
+    assert free.finish_reason == "length" and free.completion_tokens == 9 and len(free.text) == 9
+    stop = free.text[3:5]
+    cut = free.text.find(stop)
+    short, stopped = engine.generate([
+        Request("ner", text="patientdenies", max_new_tokens=2),
+        Request("ner", text="patientdenies", max_new_tokens=9, stop=("zzzzzz", stop)),
+    ])
+    assert short.token_ids == free.token_ids[:2] and short.finish_reason == "length"
+    assert stopped.text == free.text[:cut] and stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: cut + len(stop)]  # up to the token that completed the stop string
+    assert stopped.prompt_tokens == len("patientdenies")
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_gpt_oss()
+    engine = engine_for(model)
+    sample = lambda seed: Request("cls", input_ids=[4, 8, 15, 16], max_new_tokens=12, temperature=1.5, top_p=0.9, seed=seed)  # noqa: E731
+    a = engine.generate([sample(7)])[0]
+    b, _, c = engine.generate([sample(7), *mixed_requests(1), sample(8)])  # other requests around it
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+    assert a.token_ids != c.token_ids
+    greedy = engine.generate([Request("cls", input_ids=[4, 8, 15, 16], max_new_tokens=12)])[0]
+    assert greedy.token_ids != a.token_ids
+
+
+def test_add_and_remove_tasks_at_run_time(tmp_path):
+    model = tiny_llama()
+    multi = prompts(model)["ner"][0]
+    engine = MultiTaskEngine(model, CharTokenizer(), multi, max_batch_tokens=24, max_running=2, max_seq_len=32)
+    assert engine.task_names == ["ner", "qa"]
+    ids = [7, 21, 3, 99, 42]
+    engine.generate([Request("ner", input_ids=ids, max_new_tokens=4)])
+    torch.manual_seed(5)
+    new = TaskPrompts(1, 3, 64, init_std=1.0)
+    engine.add_task("new", new)
+    res = engine.generate([Request("new", input_ids=ids, max_new_tokens=6), Request("qa", input_ids=ids, max_new_tokens=6)])
+    assert res[0].token_ids == hf_greedy(model, prompt_rows(new), ids, 6)
+    assert res[1].token_ids == hf_greedy(model, prompt_rows((multi, 1)), ids, 6)
+    engine.remove_task("qa")
+    with pytest.raises(ValueError, match="unknown task 'qa'"):
+        engine.generate([Request("qa", input_ids=ids)])
+    # a name re-registered with another prompt gets its own prefix K/V
+    engine.remove_task("new")
+    one = MultitaskPrompt(1, 5, 64, rank=1)
+    with torch.no_grad():
+        one.prompt_embeddings.normal_(0, 1)
+    one.to_peft(tmp_path / "adapter")
+    engine.add_task("new", tmp_path / "adapter")
+    res = engine.generate([Request("new", input_ids=ids, max_new_tokens=6)])[0]
+    assert res.token_ids == hf_greedy(model, prompt_rows(one), ids, 6)
+    with pytest.raises(ValueError, match="already registered"):
+        engine.add_task("new", new)
+    with pytest.raises(ValueError, match="holds 2 tasks"):
+        engine.add_task("both", multi)
+
+
+def test_errors():
+    model = tiny_llama()
+    engine = engine_for(model, max_batch_tokens=10, max_seq_len=20)
+    cases = [
+        (Request("nope", input_ids=[5]), "unknown task 'nope'"),
+        (Request("ner", input_ids=[]), "empty input"),
+        (Request("ner", text=""), "empty input"),
+        (Request("ner"), "exactly one of text and input_ids"),
+        (Request("ner", input_ids=[5] * 12, max_new_tokens=2), "exceeds max_batch_tokens"),
+        (Request("ner", input_ids=[5] * 8, max_new_tokens=13), "exceeds max_seq_len"),
+        (Request("ner", input_ids=[500]), "token ids must lie in"),
+        (Request("ner", input_ids=[5], max_new_tokens=0), "max_new_tokens must be"),
+        (Request("ner", input_ids=[5], top_p=0.0), "top_p"),
+        (Request("ner", input_ids=[5], stop="x"), "stop must be"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match="request 1: .*" + match):
+            engine.generate([Request("qa", input_ids=[5], max_new_tokens=2), bad])
+    with pytest.raises(ValueError, match="unknown task"):
+        engine.remove_task("nope")
+    assert engine.generate([]) == []
+
+
+def test_smollm2_greedy_matches_hf_generate(tmp_path):
+    pytest.importorskip("gguf")
+    from mptkern.models import load_default
+
+    try:
+        model, tok = load_default(cache_dir=tmp_path)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    torch.manual_seed(0)
+    multi = MultitaskPrompt(2, 4, model.config.hidden_size, rank=1, task_names=["triage", "meds"])
+    with torch.no_grad():
+        multi.prompt_embeddings.normal_(0, 0.05)
+    engine = MultiTaskEngine(model, tok, multi, max_batch_tokens=32, max_running=2, max_seq_len=64)
+    texts = [("triage", "Patient denies chest pain."), ("meds", "Order: metoprolol 25 mg PO BID. Route:"),
+             ("triage", "Fever since yesterday, no cough.")]
+    reqs = [Request(task, text=text, max_new_tokens=6) for task, text in texts]
+    results = engine.generate(reqs)
+    for req, res in zip(reqs, results):
+        ids = tok.encode(req.text, add_special_tokens=False)
+        embeds = torch.cat([prompt_rows((multi, multi.task_index(req.task))), model.get_input_embeddings()(torch.tensor(ids))])[None]
+        with _attention_implementation(model, "sdpa"), torch.no_grad():
+            hf = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                do_sample=False, max_new_tokens=6)
+        assert res.token_ids == hf[0].tolist(), req
+        assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
