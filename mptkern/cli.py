@@ -1,4 +1,4 @@
-"""Command line: `mptkern demo | train | eval | env | aot | bench NAME`."""
+"""Command line: `mptkern demo | train | eval | env | aot | bench NAME | serve`."""
 
 from __future__ import annotations
 
@@ -65,6 +65,38 @@ def _bench(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import torch
+
+    from mptkern.models import load_default
+    from mptkern.prompts import MultitaskPrompt
+    from mptkern.serve import MultiTaskEngine, serve
+
+    prompts = {}
+    if args.adapter:
+        module = MultitaskPrompt.from_peft(args.adapter)
+        names = module.task_names or ([f"task{i}" for i in range(module.num_tasks)] if module.num_tasks > 1 else ["default"])
+        prompts.update({name: (module, i) for i, name in enumerate(names)})
+    for spec in args.task:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            print(f"--task expects NAME=DIR, got {spec!r}", file=sys.stderr)
+            return 2
+        if name in prompts:
+            print(f"task {name!r} given twice", file=sys.stderr)
+            return 2
+        prompts[name] = directory
+    if not prompts:
+        print("give --adapter DIR and/or --task NAME=DIR", file=sys.stderr)
+        return 2
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer = load_default(device=device)
+    engine = MultiTaskEngine(model, tokenizer, prompts, max_batch_tokens=args.max_batch_tokens,
+                             max_running=args.max_running, max_seq_len=args.max_seq_len)
+    serve(engine, args.host, args.port, max_queue=args.max_queue, max_body=args.max_body)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mptkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +117,18 @@ def main(argv=None) -> int:
     p.add_argument("name")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("serve", help="serve task prompts on the embedded model over an OpenAI-style HTTP API")
+    p.add_argument("--adapter", default=None, help="MultitaskPrompt PEFT adapter folder; every named task is served")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=DIR", help="a one-task PEFT adapter (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--max-running", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most; more get 503")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="request body bytes at most; more get 413")
+    p.set_defaults(fn=_serve)
     args = parser.parse_args(argv)
     return args.fn(args)
 
