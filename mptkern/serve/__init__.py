@@ -2,5 +2,6 @@
 
 from mptkern.serve.engine import MultiTaskEngine, Request, Result
 from mptkern.serve.server import Server, serve
+from mptkern.serve.export import build_prompt_embeds, export_prompt_embeds, load_prompt_embeds
 
 __all__ = ["MultiTaskEngine", "Request", "Result", "Server", "serve"]
