@@ -1150,20 +1150,37 @@ def prefix_attention(
 
 
 def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks):
-    outs, lses = [], []
-    n_list = cache_lens.tolist()
-    pids = prefix_ids.tolist() if prefix_ids is not None else [-1] * q.shape[0]
-    for b, n in enumerate(n_list):
-        kb, vb, L = k_cache[b, :n], v_cache[b, :n], 0
-        if pids[b] >= 0:
-            L = int(prefix_lens[pids[b]]) if prefix_lens is not None else prefix_k.shape[1]
-            kb = torch.cat([prefix_k[pids[b], :L], kb])
-            vb = torch.cat([prefix_v[pids[b], :L], vb])
-        # the query is the last of L + n positions: _attend_one's prefix is everything before it
-        o, lse = _attend_one(q[b : b + 1], kb, vb, L + n - 1, scale, window, sinks)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs).to(q.dtype), torch.cat(lses)
+    """All sequences at once: keys are [own prefix (gathered by id) | own cache], masked per row by
+    validity, position and window; the query sits at position L_b + cache_lens[b] - 1."""
+    B, hq, dim = q.shape
+    hkv = k_cache.shape[2]
+    acc = _acc(q.dtype)
+    used = int(cache_lens.max())  # one host sync; trims the slab to what any sequence holds
+    keys, vals = k_cache[:, :used], v_cache[:, :used]
+    ar = torch.arange(used, device=q.device)
+    valid = ar[None] < cache_lens[:, None]
+    L = torch.zeros(B, dtype=torch.long, device=q.device)
+    k_pos = ar[None].expand(B, -1)
+    if prefix_k is not None:
+        pid = prefix_ids.long().clamp(min=0)
+        has = prefix_ids >= 0
+        full = prefix_lens[pid].long() if prefix_lens is not None else torch.full_like(pid, prefix_k.shape[1])
+        L = torch.where(has, full, 0)
+        lp = torch.arange(prefix_k.shape[1], device=q.device)
+        keys, vals = torch.cat([prefix_k[pid], keys], 1), torch.cat([prefix_v[pid], vals], 1)
+        valid = torch.cat([lp[None] < L[:, None], valid], 1)
+        k_pos = torch.cat([lp[None].expand(B, -1), L[:, None] + k_pos], 1)
+    if window is not None:
+        q_pos = L + cache_lens.long() - 1
+        valid = valid & (k_pos > q_pos[:, None] - window)
+    qh = q.reshape(B, hkv, hq // hkv, dim).to(acc)
+    scores = torch.einsum("bhgd,bmhd->bhgm", qh, keys.to(acc)) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.to(acc).view(hkv, hq // hkv))
+    out = torch.einsum("bhgm,bmhd->bhgd", torch.exp(scores - lse[..., None]), vals.to(acc))
+    return out.reshape(B, hq, dim).to(q.dtype), lse.reshape(B, hq).float()
 
 
 def _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks):
