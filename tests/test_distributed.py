@@ -1,14 +1,13 @@
 """Data-parallel training: two gloo processes on CPU equal one process accumulating both shares."""
 
-import dataclasses
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mptkern.train import DataConfig, MPTTrainer, StageConfig, TargetConfig, TrainConfig
+from tests.tiny_models import small_smollm
 
 
 def _config(out, grad_accum):
@@ -17,20 +16,11 @@ def _config(out, grad_accum):
                        distill=stage, target=stage, target_init=TargetConfig(shots=[2], seeds=[0]))
 
 
-def _backbone(cache):
-    from mptkern.models import load_default
-
-    model, tok = load_default(cache_dir=cache)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model, tok
-
-
 def _worker(rank, world, port, out, cache):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model, tok = _backbone(cache)
+        model, tok = small_smollm(cache)
         trainer = MPTTrainer(_config(out, grad_accum=1), model=model, tokenizer=tok)
         assert trainer.world == 2 and trainer.rank == rank
         torch.save(trainer.train_teachers().prompts.detach(), f"{out}/rank{rank}.pt")
@@ -39,15 +29,8 @@ def _worker(rank, world, port, out, cache):
 
 
 def test_two_gloo_ranks_match_one_process_with_accumulation(tmp_path):
-    pytest.importorskip("gguf")
-    from mptkern.models.default import gguf_path
-
-    try:
-        gguf_path()
-    except ImportError as exc:
-        pytest.skip(str(exc))
     cache = tmp_path / "cache"
-    single = MPTTrainer(_config(tmp_path / "single", grad_accum=2), *_backbone(cache)).train_teachers().prompts.detach()
+    single = MPTTrainer(_config(tmp_path / "single", grad_accum=2), *small_smollm(cache)).train_teachers().prompts.detach()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -58,6 +41,6 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tmp_path):
     # summation order differs (all-reduce vs local accumulation); Adam divides by sqrt(v), so for
     # entries with near-zero gradient the difference shows up to ~1e-4, against steps of lr = 3e-2
     torch.testing.assert_close(r0, single, atol=2e-4, rtol=1e-4)
-    assert not torch.equal(single, MPTTrainer(_config(tmp_path / "half", grad_accum=1), *_backbone(cache)).train_teachers().prompts.detach())
+    assert not torch.equal(single, MPTTrainer(_config(tmp_path / "half", grad_accum=1), *small_smollm(cache)).train_teachers().prompts.detach())
     log = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3  # rank 0 logs, rank 1 does not

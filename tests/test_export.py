@@ -3,19 +3,12 @@
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mptkern.models import PromptedLM
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.serve import export_prompt_embeds
 from mptkern.serve.export import FORMAT, KEY, build_prompt_embeds, load_prompt_embeds, task_prompt_rows
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).float().eval()
+from tests.tiny_models import tiny_llama
 
 
 def multi(d=64):

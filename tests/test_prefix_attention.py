@@ -331,7 +331,8 @@ def test_prompted_lm_triton_matches_torch(model_type, monkeypatch):
 
     from mptkern.models import PromptedLM, prompted
     from mptkern.prompts import MultitaskPrompt
-    from tests.test_prompted_lm import batch, tiny_gpt_oss, tiny_llama
+    from tests.test_prompted_lm import batch
+    from tests.tiny_models import tiny_gpt_oss, tiny_llama
 
     _triton_or_skip()
     model = tiny_llama() if model_type == "llama" else tiny_gpt_oss(window=8)  # gpt-oss: sinks, window < l + n

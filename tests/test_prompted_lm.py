@@ -2,29 +2,10 @@
 
 import pytest
 import torch
-from transformers import GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mptkern.models import PromptedLM
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).float()
-
-
-def tiny_gpt_oss(window=8):
-    torch.manual_seed(0)
-    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, sliding_window=window, num_local_experts=4, num_experts_per_tok=2,
-                       layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
-    model = GptOssForCausalLM(cfg).float()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0, 1)  # nonzero sinks
-    return model
+from tests.tiny_models import tiny_gpt_oss, tiny_llama
 
 
 def batch(B, n, vocab, lengths, left_pad, seed=1):

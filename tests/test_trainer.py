@@ -9,23 +9,12 @@ import torch
 
 from mptkern.train import DataConfig, MPTTrainer, StageConfig, TargetConfig, TrainConfig, load_checkpoint, load_config, save_checkpoint
 from mptkern.train.config import from_dict
+from tests.tiny_models import small_smollm
 
 
 @pytest.fixture(scope="module")
 def small_backbone(tmp_path_factory):
-    """SmolLM2 cut to 2 layers: the real tokenizer and embeddings, a fraction of the compute."""
-    pytest.importorskip("gguf")
-    from mptkern.models import load_default
-    from mptkern.models.default import gguf_path
-
-    try:
-        gguf_path()
-    except ImportError as exc:
-        pytest.skip(str(exc))
-    model, tok = load_default(cache_dir=tmp_path_factory.mktemp("cache"))
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model, tok
+    return small_smollm(tmp_path_factory.mktemp("cache"))
 
 
 def _config(out, **kw):
