@@ -131,6 +131,11 @@ class MPTTrainer:
         """Seed torch for the random initialisation of ``name``: runs are a function of the config."""
         torch.manual_seed(zlib.crc32(f"{self.config.seed}-{name}".encode()))
 
+    def _batch(self, collate, examples, indices=None) -> dict:
+        """Collate ``examples`` (or ``examples[i]`` for ``i`` in ``indices``) onto the trainer's device."""
+        chosen = examples if indices is None else [examples[i] for i in indices]
+        return {k: v.to(self.device) for k, v in collate(chosen).items()}
+
     def _micro(self, cfg: StageConfig) -> int:
         """Micro-batches per optimiser step over all ranks: the same data whatever the world size."""
         return cfg.grad_accum * self.world
@@ -218,7 +223,7 @@ class MPTTrainer:
         batches = _batches(sampler, cfg.steps, self._micro(cfg))
 
         def step_loss(step, micro):
-            b = {k: v.to(self.device) for k, v in collate([examples[i] for i in batches[step * self._micro(cfg) + micro]]).items()}
+            b = self._batch(collate, examples, batches[step * self._micro(cfg) + micro])
             out = lm(b["input_ids"], b["attention_mask"], b["task_ids"], b["labels"], return_logits=False)
             return out.loss, int(b["attention_mask"].sum())
 
@@ -245,7 +250,7 @@ class MPTTrainer:
         head = self.model.lm_head.weight
 
         def step_loss(step, micro):
-            b = {k: v.to(self.device) for k, v in collate([examples[i] for i in batches[step * self._micro(cfg) + micro]]).items()}
+            b = self._batch(collate, examples, batches[step * self._micro(cfg) + micro])
             args = (b["input_ids"], b["attention_mask"], b["task_ids"])
             with torch.no_grad():
                 t_out = t_lm(*args, return_logits=False)
@@ -270,8 +275,7 @@ class MPTTrainer:
 
         def step_loss(step, micro):
             rng = random.Random(f"{name}-{step}-{micro}")
-            b = collate([rng.choice(train) for _ in range(min(cfg.batch_size, len(train)))])
-            b = {k: v.to(self.device) for k, v in b.items()}
+            b = self._batch(collate, [rng.choice(train) for _ in range(min(cfg.batch_size, len(train)))])
             if lora_model is not None:
                 loss = lora_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
             else:
@@ -290,7 +294,7 @@ class MPTTrainer:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         texts = []
         for i in range(0, len(task.eval), self.config.eval_batch_size):
-            b = {k: v.to(self.device) for k, v in gen(task.eval[i : i + self.config.eval_batch_size]).items()}
+            b = self._batch(gen, task.eval[i : i + self.config.eval_batch_size])
             kwargs = dict(max_new_tokens=self.config.max_new_tokens, do_sample=False, pad_token_id=pad,
                           eos_token_id=tok.eos_token_id)
             if prompt is None:
