@@ -215,3 +215,62 @@ def test_smollm2_greedy_matches_hf_generate(tmp_path):
                                 do_sample=False, max_new_tokens=6)
         assert res.token_ids == hf[0].tolist(), req
         assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
+
+
+def test_submit_step_cancel_and_streamed_text():
+    """The server's way to drive the engine: requests join mid-run and leave by cancel; the streamed
+    texts add up to the result's text; outputs equal running each request alone."""
+    model = tiny_llama()
+    engine = engine_for(model)
+    a = Request("ner", text="patientdenies", max_new_tokens=9, stop=("zzzz",))
+    b = Request("qa", input_ids=[5, 9, 40], max_new_tokens=9)
+    c = Request("cls", text="fever", max_new_tokens=6)
+    alone = {id(r): engine.generate([r])[0] for r in (a, c)}
+    ra, rb = engine.submit(a, stream=True), engine.submit(b)
+    streamed, results = [], {}
+    for _ in range(2):
+        for u in engine.step():
+            streamed += [u.text] if u.request_id == ra else []
+            assert u.text == "" or u.request_id == ra  # only streamed requests carry text
+    rc = engine.submit(c)  # joins the running batch
+    assert engine.num_pending == 3
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.generate([c])
+    assert engine.cancel(rb) and not engine.cancel(rb)
+    while engine.num_pending:
+        for u in engine.step():
+            assert u.request_id != rb
+            streamed += [u.text] if u.request_id == ra else []
+            if u.result is not None:
+                results[u.request_id] = u.result
+    assert results[ra].token_ids == alone[id(a)].token_ids and results[rc].token_ids == alone[id(c)].token_ids
+    assert "".join(streamed) == results[ra].text == alone[id(a)].text
+    assert engine.step() == [] and engine.generate([b])[0].completion_tokens == 9  # idle again, all slots free
+    with pytest.raises(ValueError, match="unknown task"):
+        engine.submit(Request("nope", input_ids=[5]))
+    assert engine.num_pending == 0
+
+
+def test_streamed_text_holds_back_unsettled_characters():
+    from mptkern.serve.engine import _unsettled
+
+    assert _unsettled("abc", ()) == 0
+    assert _unsettled("ab\ufffd\ufffd", ()) == 2  # an incomplete UTF-8 character
+    assert _unsettled("pain: wor", ("world", "xyz")) == 3  # may become "world"
+    assert _unsettled("pain: w", ("wx", "world")) == 1
+    assert _unsettled("ab", ("abcd",)) == 2 and _unsettled("ab", ("b",)) == 0
+
+
+def test_step_that_raises_puts_admitted_requests_back():
+    model = tiny_llama()
+    engine = engine_for(model)
+    req = Request("qa", input_ids=[5, 9, 40, 77], max_new_tokens=5)
+    expected = engine.generate([req])[0].token_ids
+    rid = engine.submit(req)
+    hook = model.lm_head.register_forward_hook(lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        engine.step()
+    hook.remove()
+    assert engine.num_pending == 1
+    results = [u.result for _ in range(5) for u in engine.step() if u.result is not None]
+    assert [r.token_ids for r in results] == [expected] and engine.num_pending == 0 and rid == 1

@@ -1,5 +1,6 @@
 """HTTP server over MultiTaskEngine: loopback only, tiny random Llama, bounded loops."""
 
+import http.client
 import json
 import threading
 import time
@@ -139,79 +140,141 @@ def test_client_errors(engine):
         srv.shutdown()
 
 
-def test_bad_request_in_a_batch_fails_alone(engine, monkeypatch):
-    """One engine-refused request among queued ones gets 400; the others are still answered."""
+def gate_steps(engine, monkeypatch):
+    """Make the worker wait for a permit before every engine step; returns (permits, steps run)."""
+    permits, steps = threading.Semaphore(0), []
+    real = engine.step
+
+    def gated():
+        assert permits.acquire(timeout=TIMEOUT)
+        steps.append(engine.num_pending)
+        return real()
+
+    monkeypatch.setattr(engine, "step", gated)
+    return permits, steps
+
+
+def wait_until(cond):
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_stream_is_incremental(server, engine, monkeypatch):
+    """Each engine step's text reaches the client before the next step runs."""
+    exp = engine.generate([Request("ner", text="patientdenies", max_new_tokens=5)])[0]
+    assert exp.finish_reason == "length" and len(exp.text) == 5  # one character per token
+    permits, _ = gate_steps(engine, monkeypatch)
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({"model": "ner", "prompt": "patientdenies", "max_tokens": 5,
+                                                            "stream": True}), {"Content-Type": "application/json"})
+        permits.release()
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        for i in range(5):
+            if i:
+                permits.release()
+            line, blank = resp.readline(), resp.readline()
+            assert line.startswith(b"data: ") and blank == b"\n"
+            chunk = json.loads(line[len(b"data: "):])
+            assert chunk["choices"][0]["text"] == exp.text[i]
+            assert chunk["choices"][0]["finish_reason"] == (None if i < 4 else "length")
+            assert ("usage" in chunk) == (i == 4)
+            if i < 4:
+                assert engine.num_pending == 1  # still generating: the text came before the end
+        assert resp.read() == b"data: [DONE]\n\n"
+    finally:
+        conn.close()
+
+
+def test_stream_holds_back_a_possible_stop_string(server, engine):
+    free = engine.generate([Request("qa", text="cough", max_new_tokens=9)])[0]
+    stop = free.text[4:6]  # a stop string that completes at the sixth token or earlier
+    exp = engine.generate([Request("qa", text="cough", max_new_tokens=9, stop=(stop, free.text[1] + "zz"))])[0]
+    status, _, data = post(server, {"model": "qa", "prompt": "cough", "max_tokens": 9, "stop": [stop, free.text[1] + "zz"],
+                                    "stream": True})
+    chunks = [json.loads(e[len("data: "):]) for e in data.decode().split("\n\n")[:-2]]
+    assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks) == exp.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(stop in c["choices"][0]["text"] for c in chunks)
+
+
+def test_client_leaving_a_stream_frees_its_slot(server, engine, monkeypatch):
+    permits, steps = gate_steps(engine, monkeypatch)
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "cls", "prompt": "abc", "max_tokens": 40, "stream": True}),
+                 {"Content-Type": "application/json"})
+    permits.release()
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")
+    resp.close()
+    conn.close()
+    for _ in range(39):  # one step at a time, giving the handler time to hit the closed socket
+        if engine.num_pending == 0:
+            break
+        permits.release()
+        time.sleep(0.05)
+    wait_until(lambda: engine.num_pending == 0 and not server.active)
+    assert len(steps) < 20, f"the request ran {len(steps)} steps after its client left"
+
+
+def test_bad_request_fails_alone(engine, monkeypatch):
+    """An engine-refused request among queued ones gets 400; the others are still answered."""
     srv = Server(engine, port=0, max_queue=8)
-    gate, entered = threading.Event(), threading.Event()
-    real = engine.generate
-
-    def gated(requests):
-        entered.set()
-        assert gate.wait(TIMEOUT)
-        return real(requests)
-
-    monkeypatch.setattr(engine, "generate", gated)
+    permits, _ = gate_steps(engine, monkeypatch)
     srv.start()
     try:
         with ThreadPoolExecutor(4) as pool:
             first = pool.submit(post, srv, {"model": "ner", "prompt": "abc", "max_tokens": 2})
-            assert entered.wait(TIMEOUT)
+            wait_until(lambda: srv.active)
             bodies = [{"model": "qa", "prompt": "abc", "max_tokens": 3}, {"model": "qa", "prompt": "abc", "max_tokens": 99},
                       {"model": "cls", "prompt": "de", "max_tokens": 2}]
             futures = [pool.submit(post, srv, b) for b in bodies]
-            deadline = time.monotonic() + TIMEOUT
-            while srv.queue.qsize() < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert srv.queue.qsize() == 3
-            gate.set()
+            wait_until(lambda: srv.queue.qsize() == 3)  # queued while the worker waits in a step
+            permits.release(20)
             assert first.result(TIMEOUT)[0] == 200
             assert [f.result(TIMEOUT)[0] for f in futures] == [200, 400, 200]
     finally:
-        gate.set()
+        permits.release(100)
         srv.shutdown()
 
 
 def test_queue_full_is_503(engine, monkeypatch):
-    srv = Server(engine, port=0, max_queue=1)
-    gate, entered = threading.Event(), threading.Event()
-    real = engine.generate
-
-    def gated(requests):
-        entered.set()
-        assert gate.wait(TIMEOUT)
-        return real(requests)
-
-    monkeypatch.setattr(engine, "generate", gated)
+    srv = Server(engine, port=0, max_queue=1, max_batch=1)
+    permits, _ = gate_steps(engine, monkeypatch)
     srv.start()
     body = {"model": "ner", "prompt": "abc", "max_tokens": 2}
     try:
         with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(post, srv, body)  # taken by the worker, blocked in generate
-            assert entered.wait(TIMEOUT)
-            queued = pool.submit(post, srv, body)  # fills the queue of one
-            deadline = time.monotonic() + TIMEOUT
-            while srv.queue.qsize() < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert srv.queue.qsize() == 1
+            running = pool.submit(post, srv, body)  # in the engine, its step waiting for a permit
+            wait_until(lambda: srv.active)
+            queued = pool.submit(post, srv, body)  # fills the queue of one (the engine holds max_batch = 1)
+            wait_until(lambda: srv.queue.qsize() == 1)
             status, headers, data = post(srv, body)
             assert status == 503 and headers["Retry-After"] == "1"
             assert "queue is full" in error_of((status, headers, data))["message"]
-            gate.set()
+            permits.release(10)
             assert running.result(TIMEOUT)[0] == 200 and queued.result(TIMEOUT)[0] == 200
+        permits.release(10)
         assert post(srv, body)[0] == 200  # room again
     finally:
-        gate.set()
+        permits.release(100)
         srv.shutdown()
 
 
 def test_engine_crash_is_500_and_server_survives(engine, monkeypatch):
     srv = Server(engine, port=0).start()
     try:
-        real = engine.generate
-        monkeypatch.setattr(engine, "generate", lambda requests: 1 / 0)
+        real = engine.step
+        monkeypatch.setattr(engine, "step", lambda: 1 / 0)
         response = post(srv, {"model": "ner", "prompt": "abc", "max_tokens": 2})
         assert response[0] == 500 and error_of(response)["type"] == "server_error"
-        monkeypatch.setattr(engine, "generate", real)
+        assert engine.num_pending == 0  # the failed request left the engine
+        monkeypatch.setattr(engine, "step", real)
         assert post(srv, {"model": "ner", "prompt": "abc", "max_tokens": 2})[0] == 200
     finally:
         srv.shutdown()
@@ -247,26 +310,31 @@ def _fire(srv, n, start=0, clients=16):
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc for RSS")
 def test_load_mixed_concurrent_clients(engine, monkeypatch):
-    batch_sizes = []
-    real = engine.generate
-    monkeypatch.setattr(engine, "generate", lambda requests: batch_sizes.append(len(requests)) or real(requests))
+    """Thousands of requests from concurrent clients, 10% malformed, a fifth streamed: every one is
+    answered, requests share engine steps, and memory stays flat after warmup."""
+    in_flight = []
+    real = engine.step
+    monkeypatch.setattr(engine, "step", lambda: in_flight.append(engine.num_pending) or real())
     srv = Server(engine, port=0, max_queue=32).start()
     try:
         t0 = time.perf_counter()
-        warm = _fire(srv, 50)
+        warm = _fire(srv, 200)
         assert set(warm) <= {200, 400, 404, 503}
-        rss_warm = _rss_bytes()
-        statuses = _fire(srv, 200, start=50)
+        rss = [_rss_bytes()]
+        statuses = []
+        for start in range(200, 2200, 500):
+            statuses += _fire(srv, 500, start=start)
+            rss.append(_rss_bytes())
         elapsed = time.perf_counter() - t0
-        rss_after = _rss_bytes()
-        assert len(statuses) == 200 and set(statuses) <= {200, 400, 404, 503}
-        assert statuses.count(200) >= 150, statuses  # 180 valid requests; 503 only if the queue overflowed
-        assert statuses.count(400) + statuses.count(404) >= 20  # the malformed ones
-        assert rss_after - rss_warm < 50 * 2**20, (rss_warm, rss_after)
+        assert len(statuses) == 2000 and set(statuses) <= {200, 400, 404, 503}
+        assert statuses.count(200) >= 1700, statuses  # 1800 valid requests; 503 only if the queue overflowed
+        assert statuses.count(400) + statuses.count(404) >= 200  # the malformed ones
+        assert max(rss) - rss[0] < 32 * 2**20, rss
         assert call(srv.url + "/health")[0] == 200
-        assert max(batch_sizes) > 1  # concurrent clients shared engine steps
-        print(f"load: 250 requests in {elapsed:.1f}s, statuses { {s: statuses.count(s) for s in set(statuses)} }, "
-              f"RSS {rss_warm / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, largest batch {max(batch_sizes)}")
+        assert max(in_flight) > 1  # concurrent clients shared engine steps
+        wait_until(lambda: not srv.active and engine.num_pending == 0)  # nothing left behind
+        print(f"load: 2200 requests in {elapsed:.1f}s, statuses { {s: statuses.count(s) for s in set(statuses)} }, "
+              f"RSS MiB after warmup and every 500: {[round(r / 2**20) for r in rss]}, most in flight {max(in_flight)}")
     finally:
         srv.shutdown()
 

@@ -53,7 +53,7 @@ class Result:
     """``token_ids``: the generated tokens (an EOS that ended generation included, as in HF
     ``generate``); ``text``: their decoding without special tokens, cut before a stop string;
     ``finish_reason``: ``"stop"`` (EOS or stop string) or ``"length"``; times in seconds from the
-    start of the ``generate`` call."""
+    request's submission (for :meth:`MultiTaskEngine.generate`, the start of the call)."""
 
     text: str
     token_ids: list[int]
@@ -64,9 +64,22 @@ class Result:
     total_time: float
 
 
+@dataclasses.dataclass
+class Update:
+    """What one :meth:`MultiTaskEngine.step` did for one request: the token it generated; ``text``,
+    for a request submitted with ``stream=True``, the text that became final in this step (text that a
+    later token could still change, an incomplete character or the start of a stop string, is held
+    back; the updates' texts add up to ``result.text``), else ""; ``result`` on the request's last update."""
+
+    request_id: int
+    token_id: int
+    text: str
+    result: Result | None
+
+
 @dataclasses.dataclass(eq=False)
 class _Running:
-    index: int  # position in the generate() call
+    request_id: int
     request: Request
     input_ids: list[int]
     task: str
@@ -75,8 +88,10 @@ class _Running:
     generated: list[int] = dataclasses.field(default_factory=list)
     generator: torch.Generator | None = None
     first_token_time: float | None = None
-    text: str | None = None
     finish_reason: str | None = None
+    stream: bool = False
+    submitted: float = 0.0
+    sent: int = 0  # characters of the text already streamed
 
 
 @dataclasses.dataclass
@@ -109,6 +124,12 @@ class MultiTaskEngine:
         max_running: request slots (requests decoding at once).
         max_seq_len: a request's own tokens (input plus generated) at most: the slab length.
 
+    Two ways to drive it: :meth:`generate` runs a list of requests to the end (offline); a server
+    calls :meth:`submit` whenever a request arrives, :meth:`step` in a loop (each step returns the
+    new token of every running request, so requests join and leave the batch at every step, and
+    streamed text goes out as it is made) and :meth:`cancel` for clients that left. The engine is not
+    thread-safe: one thread drives it.
+
     EOS ids come from ``model.generation_config.eos_token_id``, else ``tokenizer.eos_token_id``.
     Admission is first come, first served: a waiting request joins when a slot is free and its
     input fits in what the step's decode rows leave of ``max_batch_tokens``.
@@ -139,6 +160,11 @@ class MultiTaskEngine:
         self._tasks: dict[str, tuple[nn.Module, int]] = {}
         self._prefix_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (layers, l, Hkv, D) each
         self._pool = None  # (pool_k, pool_v, prefix_lens, task -> pool index), rebuilt when tasks change
+        self._waiting: deque[_Running] = deque()
+        self._running: list[_Running] = []
+        self._free = list(range(max_running - 1, -1, -1))  # request slots
+        self._by_id: dict[int, _Running] = {}  # submitted, not finished
+        self._next_id = 0
         if isinstance(prompts, nn.Module):
             self._add_module_tasks(prompts)
         elif isinstance(prompts, Mapping):
@@ -183,6 +209,9 @@ class MultiTaskEngine:
         """Unregister ``name`` and free its prefix K/V."""
         if name not in self._tasks:
             raise ValueError(f"unknown task {name!r}; tasks are {self.task_names}")
+        busy = sum(r.task == name for r in self._by_id.values())
+        if busy:
+            raise ValueError(f"task {name!r} has {busy} requests in flight; cancel or finish them first")
         del self._tasks[name]
         if self._prefix_kv.pop(name, None) is not None:
             self._pool = None
@@ -245,39 +274,39 @@ class MultiTaskEngine:
             parts.append(out[plan.decode_rows])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    # -- scheduling ---------------------------------------------------------------------------
-    def _prepare(self, index: int, request: Request) -> _Running:
+    # -- requests -----------------------------------------------------------------------------
+    def _prepare(self, request: Request) -> _Running:
         if not isinstance(request, Request):
-            raise TypeError(f"request {index} must be a Request, got {type(request).__name__}")
+            raise TypeError(f"expected a Request, got {type(request).__name__}")
         if request.task not in self._tasks:
-            raise ValueError(f"request {index}: unknown task {request.task!r}; tasks are {self.task_names}")
+            raise ValueError(f"unknown task {request.task!r}; tasks are {self.task_names}")
         if (request.text is None) == (request.input_ids is None):
-            raise ValueError(f"request {index}: give exactly one of text and input_ids")
+            raise ValueError("give exactly one of text and input_ids")
         if request.text is not None:
             ids = list(self.tokenizer.encode(request.text, add_special_tokens=False))
         else:
             ids = [int(t) for t in request.input_ids]
         if not ids:
-            raise ValueError(f"request {index}: empty input")
+            raise ValueError("empty input")
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"request {index}: token ids must lie in [0, {vocab})")
+            raise ValueError(f"token ids must lie in [0, {vocab})")
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-            raise ValueError(f"request {index}: max_new_tokens must be an int >= 1, got {request.max_new_tokens!r}")
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {request.max_new_tokens!r}")
         if request.temperature < 0 or not 0 < request.top_p <= 1:
-            raise ValueError(f"request {index}: need temperature >= 0 and 0 < top_p <= 1")
+            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
         if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
-            raise ValueError(f"request {index}: stop must be a sequence of non-empty strings")
+            raise ValueError("stop must be a sequence of non-empty strings")
         total = len(ids) + request.max_new_tokens
         if total > self.max_seq_len:
-            raise ValueError(f"request {index}: input ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+            raise ValueError(f"input ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceeds max_seq_len ({self.max_seq_len})")
         if len(ids) > self.max_batch_tokens:
-            raise ValueError(f"request {index}: input ({len(ids)} tokens) exceeds max_batch_tokens ({self.max_batch_tokens})")
+            raise ValueError(f"input ({len(ids)} tokens) exceeds max_batch_tokens ({self.max_batch_tokens})")
         limit = getattr(self.model.config, "max_position_embeddings", None)
         module, _ = self._tasks[request.task]
         if limit is not None and module.prompt_len + total > limit:
-            raise ValueError(f"request {index}: prompt ({module.prompt_len}) + input + max_new_tokens ({total}) "
+            raise ValueError(f"prompt ({module.prompt_len}) + input + max_new_tokens ({total}) "
                              f"exceeds the model's max_position_embeddings ({limit})")
         gen = None
         if request.temperature > 0:
@@ -286,8 +315,39 @@ class MultiTaskEngine:
                 gen.seed()
             else:
                 gen.manual_seed(request.seed)
-        return _Running(index, request, ids, request.task, generator=gen)
+        return _Running(-1, request, ids, request.task, generator=gen)
 
+    def _enqueue(self, r: _Running, stream: bool, now: float) -> int:
+        r.request_id, r.stream, r.submitted = self._next_id, stream, now
+        self._next_id += 1
+        self._waiting.append(r)
+        self._by_id[r.request_id] = r
+        return r.request_id
+
+    @property
+    def num_pending(self) -> int:
+        """Submitted requests not finished yet (waiting for a slot or running)."""
+        return len(self._by_id)
+
+    def submit(self, request: Request, *, stream: bool = False) -> int:
+        """Queue ``request`` for the next :meth:`step` calls and return its id. With ``stream`` its
+        updates carry the new text of every step. Raises ValueError/TypeError for a request the engine
+        cannot run (unknown task, empty or too long input, bad sampling settings); nothing is queued then."""
+        return self._enqueue(self._prepare(request), stream, time.perf_counter())
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a submitted request (waiting or running) and free its slot; False if it is unknown or done."""
+        r = self._by_id.pop(request_id, None)
+        if r is None:
+            return False
+        if r in self._running:
+            self._running.remove(r)
+            self._free.append(r.slot)
+        else:
+            self._waiting.remove(r)
+        return True
+
+    # -- stepping -----------------------------------------------------------------------------
     def _plan(self, prefill: list[_Running], decode: list[_Running]):
         """Host planning of one step: the packed stream's embeddings and positions and the plan."""
         _, _, _, pool_index = self._pool_for()
@@ -324,69 +384,125 @@ class MultiTaskEngine:
         embeds = self.model.get_input_embeddings()(as_long(ids))
         return embeds, as_long(positions), plan, last
 
-    def _sample(self, logits: torch.Tensor, r: _Running) -> int:
-        req = r.request
-        if req.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / req.temperature, -1)
-        if req.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=r.generator))
+    def _sample(self, logits: torch.Tensor, rows: list[_Running]) -> list[int]:
+        """One token per row: argmax for greedy requests (one batched call), seeded sampling otherwise."""
+        tokens = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            req = r.request
+            if req.temperature == 0:
+                continue
+            probs = torch.softmax(logits[i].float() / req.temperature, -1)
+            if req.top_p < 1:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # the smallest set reaching top_p
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+        return tokens
 
-    def _finish_check(self, r: _Running, token: int) -> None:
+    def _advance(self, r: _Running, token: int, now: float) -> Update:
+        """Record ``token`` for ``r``; decide whether it finished; the update (with the streamed text)."""
         req = r.request
+        r.generated.append(token)
+        if r.first_token_time is None:
+            r.first_token_time = now - r.submitted
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True) if (req.stop or r.stream) else None
         if token in self.eos_ids:
             r.finish_reason = "stop"
         elif req.stop:
-            text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
             cuts = [text.find(s) for s in req.stop if s in text]
             if cuts:
-                r.text, r.finish_reason = text[: min(cuts)], "stop"
+                text, r.finish_reason = text[: min(cuts)], "stop"
         if r.finish_reason is None and len(r.generated) >= req.max_new_tokens:
             r.finish_reason = "length"
+        result = None
+        if r.finish_reason is not None:
+            if text is None:
+                text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+            result = Result(text, r.generated, len(r.input_ids), len(r.generated), r.finish_reason,
+                            r.first_token_time, now - r.submitted)
+        delta = ""
+        if r.stream:
+            end = len(text) if result is not None else len(text) - _unsettled(text, req.stop)
+            delta = text[r.sent:end]
+            r.sent = max(r.sent, end)
+        return Update(r.request_id, token, delta, result)
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[Request]) -> list[Result]:
-        """Generate for every request with continuous batching; results in request order.
-        Raises ValueError (before any work) for unknown tasks, empty or too long inputs."""
-        start = time.perf_counter()
-        waiting = deque(self._prepare(i, r) for i, r in enumerate(requests))
-        results: list[Result | None] = [None] * len(waiting)
-        running: list[_Running] = []
-        free = list(range(self.max_running - 1, -1, -1))
-        while waiting or running:
-            decode = list(running)
-            budget = self.max_batch_tokens - len(decode)
-            prefill = []
-            while waiting and free and len(waiting[0].input_ids) <= budget:
-                r = waiting.popleft()
-                r.slot = free.pop()
+    def step(self) -> list[Update]:
+        """Run one model step: admit waiting requests (first come, first served, while a slot is free
+        and their input fits in the token budget the decode rows leave), prefill them and decode one
+        token for every running request. Returns one :class:`Update` per request that got a token, in
+        stream order; [] when nothing is submitted. If the model raises, the admitted requests go back
+        to the front of the queue and the error propagates."""
+        if not self._by_id:
+            return []
+        decode = self._running
+        budget = self.max_batch_tokens - len(decode)
+        prefill = []
+        try:
+            while self._waiting and self._free and len(self._waiting[0].input_ids) <= budget:
+                r = self._waiting.popleft()
+                r.slot = self._free.pop()
+                prefill.append(r)
                 budget -= len(r.input_ids)
                 self._ensure_prefix(r.task)
-                prefill.append(r)
             embeds, positions, plan, last = self._plan(prefill, decode)
             hidden = self._run_body(embeds, positions, plan)
-            logits = self.model.lm_head(hidden[last])
-            now = time.perf_counter()
-            for i, (r, row) in enumerate(zip(prefill + decode, logits)):
-                r.length += len(r.input_ids) if i < len(prefill) else 1
-                token = self._sample(row, r)
-                r.generated.append(token)
-                if r.first_token_time is None:
-                    r.first_token_time = now - start
-                self._finish_check(r, token)
-            running = []
-            for r in decode + prefill:
-                if r.finish_reason is None:
-                    running.append(r)
-                    continue
-                free.append(r.slot)
-                text = r.text if r.text is not None else self.tokenizer.decode(r.generated, skip_special_tokens=True)
-                results[r.index] = Result(text, r.generated, len(r.input_ids), len(r.generated), r.finish_reason,
-                                          r.first_token_time, now - start)
-        return results
+            tokens = self._sample(self.model.lm_head(hidden[last]), prefill + decode)
+        except BaseException:
+            for r in reversed(prefill):
+                self._free.append(r.slot)
+                r.slot = -1
+                self._waiting.appendleft(r)
+            raise
+        now = time.perf_counter()
+        updates, running = [], []
+        for i, (r, token) in enumerate(zip(prefill + decode, tokens)):
+            r.length += len(r.input_ids) if i < len(prefill) else 1
+            update = self._advance(r, token, now)
+            updates.append(update)
+            if update.result is None:
+                running.append(r)
+            else:
+                self._free.append(r.slot)
+                del self._by_id[r.request_id]
+        self._running = running
+        return updates
+
+    def generate(self, requests: Sequence[Request]) -> list[Result]:
+        """Generate for every request with continuous batching; results in request order, times from
+        the start of the call. Raises ValueError (before any work) for a request the engine cannot run,
+        and RuntimeError if requests from :meth:`submit` are still in flight."""
+        if self._by_id:
+            raise RuntimeError(f"generate() needs an idle engine; {len(self._by_id)} submitted requests are in flight")
+        prepared = []
+        for i, request in enumerate(requests):
+            try:
+                prepared.append(self._prepare(request))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"request {i}: {exc}") from None
+        now = time.perf_counter()
+        ids = [self._enqueue(r, False, now) for r in prepared]
+        results = {}
+        try:
+            while self._by_id:
+                results.update((u.request_id, u.result) for u in self.step() if u.result is not None)
+        finally:
+            for rid in ids:  # after an error (or an interrupt) the engine is left idle
+                self.cancel(rid)
+        return [results[i] for i in ids]
+
+
+def _unsettled(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` a later token may still change: an incomplete character
+    (U+FFFD from a partial UTF-8 sequence) or the beginning of a stop string."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
 
 
 def _engine_attention_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,

@@ -8,10 +8,12 @@ Endpoints (OpenAI-style; ``model`` names the task):
   default temperature is 0 (greedy), not OpenAI's 1. Answer: ``{"id", "object": "text_completion",
   "created", "model", "choices": [{"text", "index": 0, "finish_reason", "logprobs": null}], "usage":
   {"prompt_tokens", "completion_tokens", "total_tokens"}}``.
-  With ``"stream": true`` the answer is server-sent events. The engine has no per-token callback, so
-  the stream is not incremental: after generation finishes the whole text is sent as **one** chunk
-  (``data: {...}\\n\\n``, same shape as the JSON answer with ``finish_reason`` and ``usage``), then
-  ``data: [DONE]\\n\\n``.
+  With ``"stream": true`` the answer is server-sent events, one ``data: {...}\n\n`` chunk per
+  engine step that made new text (same shape, ``choices[0].text`` the new text, ``finish_reason``
+  null until the last chunk, which also carries ``usage``), then ``data: [DONE]\n\n``. Text that a
+  later token may still change (an incomplete character, the start of a stop string) is held back
+  until it is settled; the chunks' texts add up to the non-streamed answer. An error after the
+  stream started is sent as a ``data: {"error": {...}}`` event and the connection closes.
 - ``GET /v1/models``: ``{"object": "list", "data": [{"id": TASK, "object": "model", ...}]}``.
 - ``GET /health``: ``{"status": "ok", "queued": n, "tasks": n}``.
 
@@ -22,11 +24,12 @@ bounded queue is full or the server is stopping, 504 when a request waits longer
 ``request_timeout``, 500 for anything unexpected (the server keeps running).
 
 Threading: :class:`http.server.ThreadingHTTPServer` parses requests on one thread per connection;
-one worker thread owns the engine. Handlers put jobs on a bounded :class:`queue.Queue`; the worker
-takes one, drains whatever else is queued (up to ``max_batch``) and runs one ``engine.generate`` on
-them all, so concurrent clients share decode steps. If the engine refuses the batch (a
-``ValueError`` names one request but aborts the call), the worker reruns the batch request by
-request so only the bad request gets the 400.
+one worker thread owns the engine and runs continuous batching: it moves queued jobs into the
+engine (``engine.submit``, up to ``max_batch`` requests in the engine at once; a request the engine
+refuses gets its 400 alone), runs ``engine.step()`` and hands every request its update, so a request
+joins the running batch at the next step after it arrives and leaves it at the step it finishes.
+Handlers wait on their job; a client that disconnects mid-stream, or a handler that times out, marks
+its job cancelled and the worker frees its engine slot.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import re
 import threading
 import time
 import uuid
@@ -45,9 +47,6 @@ from mptkern.serve.engine import Request
 
 __all__ = ["Server", "serve"]
 
-_REQUEST_PREFIX = re.compile(r"^request \d+: ")
-
-
 class _HTTPError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", headers=None):
         super().__init__(message)
@@ -55,17 +54,31 @@ class _HTTPError(Exception):
 
 
 class _Job:
-    __slots__ = ("request", "done", "result", "error")
+    """One HTTP request's way through the worker: ``events`` (streamed jobs) gets every update with
+    new text and then, or instead, an error; ``done`` is set with ``result`` or ``error``."""
 
-    def __init__(self, request: Request):
-        self.request = request
+    __slots__ = ("request", "stream", "done", "result", "error", "events", "cancelled")
+
+    def __init__(self, request: Request, stream: bool = False):
+        self.request, self.stream = request, stream
         self.done = threading.Event()
         self.result = None
         self.error: _HTTPError | None = None
+        self.events: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
+        self.cancelled = False  # set by the handler (client gone, timeout); the worker drops the request
 
     def fail(self, error: _HTTPError) -> None:
         self.error = error
+        if self.events is not None:
+            self.events.put(error)
         self.done.set()
+
+    def update(self, update) -> None:
+        if self.events is not None and (update.text or update.result is not None):
+            self.events.put(update)
+        if update.result is not None:
+            self.result = update.result
+            self.done.set()
 
 
 def _number(body, name, default, *, lo=None, hi=None, lo_open=False):
@@ -139,8 +152,10 @@ class Server:
     Args:
         max_queue: requests waiting for the engine at most; more are answered 503.
         max_body: request body bytes at most (413 above).
-        max_batch: requests taken from the queue into one ``engine.generate`` call at most.
-        request_timeout: seconds a handler waits for its result before answering 504.
+        max_batch: requests in the engine at once at most (running or waiting for a slot); the rest
+            wait in the queue, so a full engine makes the queue fill and answer 503.
+        request_timeout: seconds a handler waits for its result (or, streaming, for its next text)
+            before answering 504 and cancelling the request.
     """
 
     def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, *, max_queue: int = 256,
@@ -150,6 +165,7 @@ class Server:
         self.engine = engine
         self.max_body, self.max_batch, self.request_timeout = max_body, max_batch, request_timeout
         self.queue: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)
+        self.active: dict[int, _Job] = {}  # engine request id -> job; the worker's alone
         self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._work, name="mptkern-engine", daemon=True)
         self._http_thread: threading.Thread | None = None
@@ -209,10 +225,10 @@ class Server:
             job.fail(_HTTPError(503, "server is shutting down", "unavailable_error"))
 
     # -- engine worker ----------------------------------------------------------------------------
-    def submit(self, request: Request) -> _Job:
+    def submit(self, request: Request, stream: bool = False) -> _Job:
         if self._stopping.is_set():
             raise _HTTPError(503, "server is shutting down", "unavailable_error", {"Retry-After": "1"})
-        job = _Job(request)
+        job = _Job(request, stream)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -221,44 +237,72 @@ class Server:
         return job
 
     def _work(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                batch = [self.queue.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._run(batch)
-
-    def _run(self, batch: list[_Job]) -> None:
         try:
-            results = self.engine.generate([job.request for job in batch])
-        except ValueError as exc:
-            if len(batch) > 1:  # one bad request aborts the call: rerun one by one
-                for job in batch:
-                    self._run([job])
+            while not self._stopping.is_set():
+                self._admit()
+                for rid in [rid for rid, job in self.active.items() if job.cancelled]:
+                    self.engine.cancel(rid)
+                    del self.active[rid]
+                if self.active:
+                    self._step()
+        finally:
+            self._drop_active(_HTTPError(503, "server is shutting down", "unavailable_error"))
+
+    def _admit(self) -> None:
+        """Move queued jobs into the engine while it holds fewer than ``max_batch`` requests; wait
+        briefly for the first one only when nothing is running."""
+        while self.engine.num_pending < self.max_batch:
+            try:
+                job = self.queue.get_nowait() if self.active else self.queue.get(timeout=0.1)
+            except queue.Empty:
                 return
-            batch[0].fail(_HTTPError(400, _REQUEST_PREFIX.sub("", str(exc))))
-            return
+            if job.cancelled:
+                continue
+            try:
+                self.active[self.engine.submit(job.request, stream=job.stream)] = job
+            except (TypeError, ValueError) as exc:
+                job.fail(_HTTPError(400, str(exc)))
+
+    def _step(self) -> None:
+        try:
+            updates = self.engine.step()
         except Exception as exc:  # noqa: BLE001 -- the worker must survive anything
-            for job in batch:
-                job.fail(_HTTPError(500, f"engine error: {type(exc).__name__}: {exc}", "server_error"))
+            self._drop_active(_HTTPError(500, f"engine error: {type(exc).__name__}: {exc}", "server_error"))
             return
-        for job, result in zip(batch, results):
-            job.result = result
-            job.done.set()
+        for update in updates:
+            job = self.active.get(update.request_id)
+            if job is None:
+                continue
+            if update.result is not None:
+                del self.active[update.request_id]
+            job.update(update)
+
+    def _drop_active(self, error: _HTTPError) -> None:
+        for rid, job in self.active.items():
+            self.engine.cancel(rid)
+            job.fail(error)
+        self.active.clear()
 
     def complete(self, request: Request):
         """Queue ``request`` and wait for its :class:`Result` (raises :class:`_HTTPError`)."""
         job = self.submit(request)
         if not job.done.wait(self.request_timeout):
+            job.cancelled = True
             raise _HTTPError(504, f"no result within {self.request_timeout} s", "timeout_error")
         if job.error is not None:
             raise job.error
         return job.result
+
+    def next_event(self, job: _Job):
+        """A streamed job's next :class:`~mptkern.serve.engine.Update` (raises :class:`_HTTPError`)."""
+        try:
+            item = job.events.get(timeout=self.request_timeout)
+        except queue.Empty:
+            job.cancelled = True
+            raise _HTTPError(504, f"no new text within {self.request_timeout} s", "timeout_error") from None
+        if isinstance(item, _HTTPError):
+            raise item
+        return item
 
 
 def _make_handler(server: Server):
@@ -402,30 +446,53 @@ class _Handler(BaseHTTPRequestHandler):
     def _completions(self) -> None:
         body = self._read_json()
         request, stream = parse_completion(body, set(self.app.engine.task_names))
-        result = self.app.complete(request)
-        payload = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": request.task,
-            "choices": [{"text": result.text, "index": 0, "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
-        }
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": request.task}
         if not stream:
-            self._send_json(200, payload)
+            result = self.app.complete(request)
+            self._send_json(200, {**head, "choices": [_choice(result.text, result.finish_reason)], "usage": _usage(result)})
             return
-        # one chunk with the whole text (the engine has no token callback), then [DONE]
-        self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self._responded = True
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
+        job = self.app.submit(request, stream=True)
+        try:
+            update = self.app.next_event(job)  # errors before the first text are plain JSON answers
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self._responded = True
+            while True:
+                result = update.result
+                chunk = {**head, "choices": [_choice(update.text, None if result is None else result.finish_reason)]}
+                if result is not None:
+                    chunk["usage"] = _usage(result)
+                self._event(chunk)
+                if result is not None:
+                    self._event("[DONE]")
+                    return
+                try:
+                    update = self.app.next_event(job)
+                except _HTTPError as err:
+                    self._event({"error": {"message": err.message, "type": err.type}})
+                    return
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            job.cancelled = True  # the client left: free the engine slot
+            raise
+
+    def _event(self, payload) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(b"data: " + data.encode() + b"\n\n")
         self.wfile.flush()
+
+
+def _choice(text: str, finish_reason: str | None) -> dict:
+    return {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": None}
+
+
+def _usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, max_queue: int = 256, max_body: int = 1 << 20,
