@@ -285,9 +285,12 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("head_major", [False, True], ids=["token-major", "head-major"])
 @pytest.mark.parametrize("splits", [1, 64], ids=["one-split", "split-k"])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"n{c[0]}-Lp{c[3]}-g{c[4] // c[5]}-d{c[6]}-w{c[9]}-s{int(c[10])}")
-def test_decode_is_the_last_row_of_prefill(case, splits, backend, monkeypatch):
+def test_decode_is_the_last_row_of_prefill(case, splits, head_major, backend, monkeypatch):
+    """head_major: caches stored (B, Hkv, S, D) / (P, Hkv, Lp, D), passed as transpose(1, 2) views
+    (the engine's layout), read through their strides."""
     if backend == "torch" and splits > 1:
         pytest.skip("split-K is the triton kernel's")
     monkeypatch.setattr(MOD, "DECODE_TARGET_PROGRAMS", splits)
@@ -300,6 +303,9 @@ def test_decode_is_the_last_row_of_prefill(case, splits, backend, monkeypatch):
     ids = torch.tensor(pids) if P else None
     lens = torch.tensor(plens) if plens else None
     s = torch.randn(hq, generator=g) if sinks else None
+    if head_major:
+        kc, vc, pk, pv = (None if t is None else t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kc, vc, pk, pv))
+        assert hkv == 1 or not kc.is_contiguous()
     out, lse = prefix_attention_decode(q, kc, vc, torch.tensor(n), pk, pv, ids, prefix_lens=lens, window=window, sinks=s,
                                        return_lse=True, backend=backend)
     # the same tokens as a prefill: earlier queries are arbitrary, the last one is q

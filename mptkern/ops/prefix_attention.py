@@ -1150,36 +1150,62 @@ def prefix_attention(
 
 
 def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks):
-    """All sequences at once: keys are [own prefix (gathered by id) | own cache], masked per row by
-    validity, position and window; the query sits at position L_b + cache_lens[b] - 1."""
+    """Cascade form. Every sequence's newest token attends to its own cache in one batched matmul over
+    all sequences; the prefix part is computed per prefix id, the queries of every sequence sharing a
+    prefix stacked into one matrix, so a prefix's keys are read once per call, not once per sequence.
+    The two partial softmaxes merge through their LSEs (then the sinks). A cache stored head-major,
+    ``(B, Hkv, S, D)`` passed as its ``transpose(1, 2)`` view, is read in place.
+    The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key j at L_b + j."""
     B, hq, dim = q.shape
     hkv = k_cache.shape[2]
-    acc = _acc(q.dtype)
-    used = int(cache_lens.max())  # one host sync; trims the slab to what any sequence holds
-    keys, vals = k_cache[:, :used], v_cache[:, :used]
-    ar = torch.arange(used, device=q.device)
-    valid = ar[None] < cache_lens[:, None]
-    L = torch.zeros(B, dtype=torch.long, device=q.device)
-    k_pos = ar[None].expand(B, -1)
-    if prefix_k is not None:
-        pid = prefix_ids.long().clamp(min=0)
-        has = prefix_ids >= 0
-        full = prefix_lens[pid].long() if prefix_lens is not None else torch.full_like(pid, prefix_k.shape[1])
-        L = torch.where(has, full, 0)
-        lp = torch.arange(prefix_k.shape[1], device=q.device)
-        keys, vals = torch.cat([prefix_k[pid], keys], 1), torch.cat([prefix_v[pid], vals], 1)
-        valid = torch.cat([lp[None] < L[:, None], valid], 1)
-        k_pos = torch.cat([lp[None].expand(B, -1), L[:, None] + k_pos], 1)
+    g = hq // hkv
+    acc, dev = _acc(q.dtype), q.device
+    lens = cache_lens.long()
+    used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
+    qh = q.reshape(B, hkv, g, dim).to(acc)
+    ar = torch.arange(used, device=dev)
+    valid = ar[None] < lens[:, None]
     if window is not None:
-        q_pos = L + cache_lens.long() - 1
-        valid = valid & (k_pos > q_pos[:, None] - window)
-    qh = q.reshape(B, hkv, hq // hkv, dim).to(acc)
-    scores = torch.einsum("bhgd,bmhd->bhgm", qh, keys.to(acc)) * scale
+        valid &= ar[None] > lens[:, None] - 1 - window
+    scores = torch.matmul(qh, k_cache[:, :used].transpose(1, 2).to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, used)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, -1)
+    lse = torch.logsumexp(scores, -1)  # finite: a sequence's newest token is always visible
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v_cache[:, :used].transpose(1, 2).to(acc))  # (B, Hkv, G, D)
+    if prefix_k is not None:
+        pids = prefix_ids.tolist()
+        plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
+        order = sorted((b for b in range(B) if pids[b] >= 0 and plens[pids[b]] > 0), key=pids.__getitem__)
+        if order:
+            rows = torch.tensor(order, device=dev)
+            q_grp, lens_grp = qh[rows], lens[rows]
+            lse_pre = torch.empty(len(order), hkv, g, dtype=acc, device=dev)
+            out_pre = torch.empty(len(order), hkv, g, dim, dtype=acc, device=dev)
+            start = 0
+            while start < len(order):
+                pid = pids[order[start]]
+                end = start + sum(1 for b in order[start:] if pids[b] == pid)  # the sequences sharing this prefix
+                n, lp = end - start, plens[pid]
+                qg = q_grp[start:end].permute(1, 0, 2, 3).reshape(hkv, n * g, dim)  # (Hkv, n*G, D)
+                kp = prefix_k[pid, :lp].transpose(0, 1).to(acc)  # (Hkv, lp, D)
+                sp = torch.matmul(qg, kp.transpose(-1, -2)) * scale  # (Hkv, n*G, lp)
+                if window is not None:  # prefix key i is visible iff i > lp + cache_len - 1 - window
+                    ok = torch.arange(lp, device=dev)[None] > (lp + lens_grp[start:end] - 1 - window)[:, None]
+                    sp = sp.masked_fill(~ok.repeat_interleave(g, 0), float("-inf"))
+                lg = torch.logsumexp(sp, -1)  # -inf where the window hides the whole prefix
+                og = torch.matmul(torch.exp(sp - lg[..., None]), prefix_v[pid, :lp].transpose(0, 1).to(acc))
+                lse_pre[start:end] = lg.view(hkv, n, g).transpose(0, 1)
+                out_pre[start:end] = og.view(hkv, n, g, dim).transpose(0, 1)
+                start = end
+            seen = torch.isfinite(lse_pre)
+            l_own = lse[rows]
+            l_new = torch.where(seen, torch.logaddexp(l_own, lse_pre), l_own)
+            merged = out[rows] * torch.exp(l_own - l_new)[..., None]
+            merged += torch.where(seen[..., None], out_pre * torch.exp(lse_pre - l_new)[..., None], 0.0)
+            out[rows], lse[rows] = merged, l_new
     if sinks is not None:
-        lse = torch.logaddexp(lse, sinks.to(acc).view(hkv, hq // hkv))
-    out = torch.einsum("bhgm,bmhd->bhgd", torch.exp(scores - lse[..., None]), vals.to(acc))
+        l_new = torch.logaddexp(lse, sinks.to(acc).view(hkv, g))
+        out = out * torch.exp(lse - l_new)[..., None]
+        lse = l_new
     return out.reshape(B, hq, dim).to(q.dtype), lse.reshape(B, hq).float()
 
 

@@ -154,7 +154,9 @@ class MultiTaskEngine:
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_shape = (self.num_layers, max_running, max_seq_len, cfg.num_key_value_heads, head_dim)
+        # head-major slabs: a slot's keys of one head are contiguous rows, so the decode attention reads
+        # them in place (passed to the ops as transpose(1, 2) views of the documented (B, S, Hkv, D))
+        kv_shape = (self.num_layers, max_running, cfg.num_key_value_heads, max_seq_len, head_dim)
         self._slab_k = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self._slab_v = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self._tasks: dict[str, tuple[nn.Module, int]] = {}
@@ -234,8 +236,8 @@ class MultiTaskEngine:
             names = list(self._prefix_kv)
             lens = [self._prefix_kv[n][0].shape[1] for n in names]
             L = max(lens)
-            pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, L - t.shape[1]))  # noqa: E731
-            pool_k = torch.stack([pad(self._prefix_kv[n][0]) for n in names], 1)  # (layers, P, L, Hkv, D)
+            pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, L - t.shape[1])).transpose(1, 2)  # noqa: E731 -- (layers, Hkv, L, D)
+            pool_k = torch.stack([pad(self._prefix_kv[n][0]) for n in names], 1)  # (layers, P, Hkv, L, D), head-major
             pool_v = torch.stack([pad(self._prefix_kv[n][1]) for n in names], 1)
             self._pool = (pool_k, pool_v, torch.tensor(lens, device=self.device), {n: i for i, n in enumerate(names)})
         return self._pool
@@ -254,13 +256,14 @@ class MultiTaskEngine:
             cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
             return prefix_attention(q, k, v, cu, softmax_scale=scaling, window=window, sinks=sinks)
         pool_k, pool_v, pool_lens, _ = self._pool
-        slab_k, slab_v = self._slab_k[layer], self._slab_v[layer]
-        slab_k[plan.write_slot, plan.write_pos] = k
-        slab_v[plan.write_slot, plan.write_pos] = v
+        pool_k, pool_v = pool_k[layer].transpose(1, 2), pool_v[layer].transpose(1, 2)  # (P, L, Hkv, D) views
+        self._slab_k[layer][plan.write_slot, :, plan.write_pos] = k
+        self._slab_v[layer][plan.write_slot, :, plan.write_pos] = v
+        slab_k, slab_v = self._slab_k[layer].transpose(1, 2), self._slab_v[layer].transpose(1, 2)  # (slots, S, Hkv, D)
         P = plan.num_prefill
         parts = []
         if P:
-            parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, pool_k[layer], pool_v[layer],
+            parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, pool_k, pool_v,
                                           plan.prefill_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks))
         if q.shape[0] > P:
@@ -268,7 +271,7 @@ class MultiTaskEngine:
             if plan.decode_q is None:
                 plan.decode_q = q.new_zeros(self.max_running, *q.shape[1:])
             plan.decode_q[plan.decode_rows] = q[P:]
-            out = prefix_attention_decode(plan.decode_q, slab_k, slab_v, plan.cache_lens, pool_k[layer], pool_v[layer],
+            out = prefix_attention_decode(plan.decode_q, slab_k, slab_v, plan.cache_lens, pool_k, pool_v,
                                           plan.slot_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks)
             parts.append(out[plan.decode_rows])
