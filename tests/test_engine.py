@@ -274,3 +274,14 @@ def test_step_that_raises_puts_admitted_requests_back():
     assert engine.num_pending == 1
     results = [u.result for _ in range(5) for u in engine.step() if u.result is not None]
     assert [r.token_ids for r in results] == [expected] and engine.num_pending == 0 and rid == 1
+
+
+def test_greedy_pick_takes_the_first_of_tied_maxima():
+    """HF greedy search takes argmax, the first index of a tie; the engine's batched pick must agree."""
+    engine = engine_for(tiny_llama())
+    logits = torch.zeros(3, 1000)
+    logits[0, [7, 900]] = 5.0
+    logits[1, [2, 3, 999]] = 1.0
+    logits[2] = -1.0
+    rows = [type("R", (), {"request": Request("ner", input_ids=[5])})()] * 3
+    assert engine._sample(logits, rows) == logits.argmax(-1).tolist() == [7, 2, 0]

@@ -538,31 +538,43 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scores(q, k, n_prefix: int, scale: float, window):
-    """fp32 masked scores of one sequence: q (n, Hq, D), k (n_prefix + n, Hkv, D) -> (Hkv, G, n, m)."""
+def _blocked_masks(plan, window, device):
+    """One boolean matrix that every sequence's mask is a slice of: ``blocked[i, j]`` is True where
+    query i may not see key j, i.e. unless ``j <= Lmax + i`` (and ``j > Lmax + i - window``). Both
+    conditions depend only on ``j - i``, so a sequence with ``n`` tokens after ``L`` prefix keys takes
+    ``blocked[:n, Lmax - L : Lmax + n]`` (built once per call instead of once per sequence)."""
+    n_max = max(e - s for s, e, _, _ in plan)
+    l_max = max(n_prefix for *_, n_prefix in plan)
+    i = torch.arange(n_max, device=device)[:, None]
+    j = torch.arange(l_max + n_max, device=device)[None, :]
+    allowed = j <= l_max + i
+    if window is not None:
+        allowed &= j > l_max + i - window
+    return ~allowed, l_max
+
+
+def _scores(q, k, n_prefix: int, scale: float, masks):
+    """fp32 masked scores of one sequence: q (n, Hq, D), k (n_prefix + n, Hkv, D) -> (Hkv, G, n, m),
+    and q as (Hkv, G, n, D); ``masks`` from :func:`_blocked_masks`."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
     # (Hkv, G, n, D) x (Hkv, D, m): GQA without repeating K
     acc = _acc(q.dtype)
     qh = q.permute(1, 0, 2).reshape(hkv, hq // hkv, n, dim).to(acc)
-    scores = torch.matmul(qh, k.permute(1, 2, 0).to(acc).unsqueeze(1)) * scale
-    q_pos = n_prefix + torch.arange(n, device=q.device)
-    k_pos = torch.arange(n_prefix + n, device=q.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # prefix keys precede every own token
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    return scores.masked_fill(~allowed, float("-inf")), qh
+    scores = torch.matmul(qh, k.permute(1, 2, 0).to(acc).unsqueeze(1)).mul_(scale)
+    blocked, l_max = masks
+    return scores.masked_fill_(blocked[:n, l_max - n_prefix : l_max + n], float("-inf")), qh
 
 
-def _attend_one(q, k, v, n_prefix: int, scale: float, window, sinks):
+def _attend_one(q, k, v, n_prefix: int, scale: float, masks, sinks):
     """One sequence. q (n, Hq, D); k, v (n_prefix + n, Hkv, D). Returns out (n, Hq, D) fp32, lse (n, Hq) fp32."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
-    scores, _ = _scores(q, k, n_prefix, scale, window)
+    scores, _ = _scores(q, k, n_prefix, scale, masks)
     lse = torch.logsumexp(scores, dim=-1)  # (Hkv, G, n)
     if sinks is not None:
         lse = torch.logaddexp(lse, sinks.to(scores.dtype).view(hkv, hq // hkv, 1))
-    probs = torch.exp(scores - lse.unsqueeze(-1))
+    probs = scores.sub_(lse.unsqueeze(-1)).exp_()
     out = torch.matmul(probs, v.permute(1, 0, 2).to(scores.dtype).unsqueeze(1))  # (Hkv, G, n, D)
     return out.reshape(hq, n, dim).permute(1, 0, 2), lse.reshape(hq, n).t()
 
@@ -594,9 +606,10 @@ class _TorchPrefixAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, prefix_k, prefix_v, sinks, plan, scale, window):
         out = torch.empty(q.shape, dtype=_acc(q.dtype), device=q.device)
         lse = torch.empty(q.shape[:2], dtype=_acc(q.dtype), device=q.device)
+        masks = _blocked_masks(plan, window, q.device) if plan else None
         for s, e, pid, n_prefix in plan:
             o, l = _attend_one(q[s:e], _keys(k, prefix_k, s, e, pid, n_prefix), _keys(v, prefix_v, s, e, pid, n_prefix),
-                               n_prefix, scale, window, sinks)
+                               n_prefix, scale, masks, sinks)
             out[s:e], lse[s:e] = o, l
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, sinks, out, lse)
         ctx.plan, ctx.scale, ctx.window = plan, scale, window
@@ -613,11 +626,12 @@ class _TorchPrefixAttention(torch.autograd.Function):
         dpv = torch.zeros(prefix_v.shape, **f32) if prefix_v is not None else None
         dsinks = torch.zeros(hq, **f32) if sinks is not None else None
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
+        masks = _blocked_masks(ctx.plan, ctx.window, q.device) if ctx.plan else None
         for s, e, pid, n_prefix in ctx.plan:
             n = e - s
             kb = _keys(k, prefix_k, s, e, pid, n_prefix)
             vb = _keys(v, prefix_v, s, e, pid, n_prefix).permute(1, 0, 2).to(out.dtype).unsqueeze(1)  # (Hkv, 1, m, D)
-            scores, qh = _scores(q[s:e], kb, n_prefix, ctx.scale, ctx.window)
+            scores, qh = _scores(q[s:e], kb, n_prefix, ctx.scale, masks)
             l = lse[s:e].t().reshape(hkv, g, n, 1)
             p = torch.exp(scores - l)  # (Hkv, G, n, m)
             do = dout[s:e].permute(1, 0, 2).reshape(hkv, g, n, dim)
