@@ -558,12 +558,13 @@ def _scores(q, k, n_prefix: int, scale: float, masks):
     and q as (Hkv, G, n, D); ``masks`` from :func:`_blocked_masks`."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
-    # (Hkv, G, n, D) x (Hkv, D, m): GQA without repeating K
+    g = hq // hkv
+    # (Hkv, G*n, D) x (Hkv, D, m): GQA as one bmm per KV head, K neither repeated nor broadcast
     acc = _acc(q.dtype)
-    qh = q.permute(1, 0, 2).reshape(hkv, hq // hkv, n, dim).to(acc)
-    scores = torch.matmul(qh, k.permute(1, 2, 0).to(acc).unsqueeze(1)).mul_(scale)
+    q2 = q.permute(1, 0, 2).to(acc).reshape(hkv, g * n, dim)  # a copy: heads-major rows
+    scores = torch.bmm(q2, k.permute(1, 2, 0).to(acc)).mul_(scale).view(hkv, g, n, -1)
     blocked, l_max = masks
-    return scores.masked_fill_(blocked[:n, l_max - n_prefix : l_max + n], float("-inf")), qh
+    return scores.masked_fill_(blocked[:n, l_max - n_prefix : l_max + n], float("-inf")), q2.view(hkv, g, n, dim)
 
 
 def _attend_one(q, k, v, n_prefix: int, scale: float, masks, sinks):
@@ -571,12 +572,15 @@ def _attend_one(q, k, v, n_prefix: int, scale: float, masks, sinks):
     n, hq, dim = q.shape
     hkv = k.shape[1]
     scores, _ = _scores(q, k, n_prefix, scale, masks)
-    lse = torch.logsumexp(scores, dim=-1)  # (Hkv, G, n)
+    peak = scores.amax(-1, keepdim=True)  # finite: every query sees at least itself
+    probs = scores.sub_(peak).exp_()  # one exp pass: unnormalised probabilities
+    denom = probs.sum(-1, keepdim=True)
     if sinks is not None:
-        lse = torch.logaddexp(lse, sinks.to(scores.dtype).view(hkv, hq // hkv, 1))
-    probs = scores.sub_(lse.unsqueeze(-1)).exp_()
-    out = torch.matmul(probs, v.permute(1, 0, 2).to(scores.dtype).unsqueeze(1))  # (Hkv, G, n, D)
-    return out.reshape(hq, n, dim).permute(1, 0, 2), lse.reshape(hq, n).t()
+        denom += torch.exp(sinks.to(scores.dtype).view(hkv, hq // hkv, 1, 1) - peak)
+    out = torch.bmm(probs.view(hkv, -1, k.shape[0]), v.permute(1, 0, 2).to(scores.dtype))  # (Hkv, G*n, D)
+    out /= denom.view(hkv, -1, 1)
+    lse = (peak + denom.log()).view(hq, n)
+    return out.view(hq, n, dim).permute(1, 0, 2), lse.t()
 
 
 def _torch_plan(cu, prefix_ids, prefix_lens, prefix_k):
