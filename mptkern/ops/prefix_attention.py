@@ -567,20 +567,30 @@ def _scores(q, k, n_prefix: int, scale: float, masks):
     return scores.masked_fill_(blocked[:n, l_max - n_prefix : l_max + n], float("-inf")), q2.view(hkv, g, n, dim)
 
 
+def _softmax_attend(scores, v, sinks=None):
+    """Masked scores (batch, rows, keys), v (batch, keys, D) -> out (batch, rows, D), lse (batch, rows),
+    with one exp pass (scores are overwritten):
+    out = softmax(scores) @ v, lse the natural-log normaliser; NaN on rows whose keys are all masked
+    (callers that allow such rows mask them). ``sinks`` (broadcastable to (batch, rows, 1)) are extra
+    logits with no value."""
+    peak = scores.amax(-1, keepdim=True)
+    probs = scores.sub_(peak).exp_()
+    denom = probs.sum(-1, keepdim=True)
+    if sinks is not None:
+        denom += torch.exp(sinks - peak)
+    out = torch.bmm(probs, v).div_(denom)
+    return out, (peak + denom.log()).squeeze(-1)
+
+
 def _attend_one(q, k, v, n_prefix: int, scale: float, masks, sinks):
     """One sequence. q (n, Hq, D); k, v (n_prefix + n, Hkv, D). Returns out (n, Hq, D) fp32, lse (n, Hq) fp32."""
     n, hq, dim = q.shape
     hkv = k.shape[1]
-    scores, _ = _scores(q, k, n_prefix, scale, masks)
-    peak = scores.amax(-1, keepdim=True)  # finite: every query sees at least itself
-    probs = scores.sub_(peak).exp_()  # one exp pass: unnormalised probabilities
-    denom = probs.sum(-1, keepdim=True)
+    scores, _ = _scores(q, k, n_prefix, scale, masks)  # (Hkv, G, n, m)
     if sinks is not None:
-        denom += torch.exp(sinks.to(scores.dtype).view(hkv, hq // hkv, 1, 1) - peak)
-    out = torch.bmm(probs.view(hkv, -1, k.shape[0]), v.permute(1, 0, 2).to(scores.dtype))  # (Hkv, G*n, D)
-    out /= denom.view(hkv, -1, 1)
-    lse = (peak + denom.log()).view(hq, n)
-    return out.view(hq, n, dim).permute(1, 0, 2), lse.t()
+        sinks = sinks.to(scores.dtype).view(hkv, hq // hkv, 1).expand(-1, -1, n).reshape(hkv, -1, 1)
+    out, lse = _softmax_attend(scores.view(hkv, -1, k.shape[0]), v.permute(1, 0, 2).to(scores.dtype), sinks)
+    return out.view(hq, n, dim).permute(1, 0, 2), lse.view(hq, n).t()
 
 
 def _torch_plan(cu, prefix_ids, prefix_lens, prefix_k):
@@ -1180,15 +1190,15 @@ def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_id
     acc, dev = _acc(q.dtype), q.device
     lens = cache_lens.long()
     used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
-    qh = q.reshape(B, hkv, g, dim).to(acc)
+    qh = q.reshape(B, hkv, g, dim).to(acc) * scale
     ar = torch.arange(used, device=dev)
-    valid = ar[None] < lens[:, None]
+    blocked = ar[None] >= lens[:, None]
     if window is not None:
-        valid &= ar[None] > lens[:, None] - 1 - window
-    scores = torch.matmul(qh, k_cache[:, :used].transpose(1, 2).to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, used)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, -1)  # finite: a sequence's newest token is always visible
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v_cache[:, :used].transpose(1, 2).to(acc))  # (B, Hkv, G, D)
+        blocked |= ar[None] <= lens[:, None] - 1 - window
+    scores = torch.matmul(qh, k_cache[:, :used].transpose(1, 2).to(acc).transpose(-1, -2))  # (B, Hkv, G, used)
+    scores.masked_fill_(blocked[:, None, None, :], float("-inf"))
+    out, lse = _softmax_attend(scores.view(B * hkv, g, used), v_cache[:, :used].transpose(1, 2).to(acc).reshape(B * hkv, used, dim))
+    out, lse = out.view(B, hkv, g, dim), lse.view(B, hkv, g)  # lse finite: the newest token is always visible
     if prefix_k is not None:
         pids = prefix_ids.tolist()
         plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
@@ -1204,22 +1214,20 @@ def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_id
                 end = start + sum(1 for b in order[start:] if pids[b] == pid)  # the sequences sharing this prefix
                 n, lp = end - start, plens[pid]
                 qg = q_grp[start:end].permute(1, 0, 2, 3).reshape(hkv, n * g, dim)  # (Hkv, n*G, D)
-                kp = prefix_k[pid, :lp].transpose(0, 1).to(acc)  # (Hkv, lp, D)
-                sp = torch.matmul(qg, kp.transpose(-1, -2)) * scale  # (Hkv, n*G, lp)
+                sp = torch.bmm(qg, prefix_k[pid, :lp].transpose(0, 1).to(acc).transpose(-1, -2))  # (Hkv, n*G, lp)
                 if window is not None:  # prefix key i is visible iff i > lp + cache_len - 1 - window
-                    ok = torch.arange(lp, device=dev)[None] > (lp + lens_grp[start:end] - 1 - window)[:, None]
-                    sp = sp.masked_fill(~ok.repeat_interleave(g, 0), float("-inf"))
-                lg = torch.logsumexp(sp, -1)  # -inf where the window hides the whole prefix
-                og = torch.matmul(torch.exp(sp - lg[..., None]), prefix_v[pid, :lp].transpose(0, 1).to(acc))
+                    hidden = torch.arange(lp, device=dev)[None] <= (lp + lens_grp[start:end] - 1 - window)[:, None]
+                    sp.masked_fill_(hidden.repeat_interleave(g, 0), float("-inf"))
+                og, lg = _softmax_attend(sp, prefix_v[pid, :lp].transpose(0, 1).to(acc))
                 lse_pre[start:end] = lg.view(hkv, n, g).transpose(0, 1)
                 out_pre[start:end] = og.view(hkv, n, g, dim).transpose(0, 1)
                 start = end
-            seen = torch.isfinite(lse_pre)
+            seen = ~torch.isnan(lse_pre)  # NaN where the window hid the whole prefix
             l_own = lse[rows]
             l_new = torch.where(seen, torch.logaddexp(l_own, lse_pre), l_own)
-            merged = out[rows] * torch.exp(l_own - l_new)[..., None]
-            merged += torch.where(seen[..., None], out_pre * torch.exp(lse_pre - l_new)[..., None], 0.0)
-            out[rows], lse[rows] = merged, l_new
+            w_pre = torch.where(seen, torch.exp(lse_pre - l_new), 0.0)[..., None]
+            out[rows] = out[rows] * torch.exp(l_own - l_new)[..., None] + torch.where(seen[..., None], out_pre * w_pre, 0.0)
+            lse[rows] = l_new
     if sinks is not None:
         l_new = torch.logaddexp(lse, sinks.to(acc).view(hkv, g))
         out = out * torch.exp(lse - l_new)[..., None]

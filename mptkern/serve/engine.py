@@ -13,6 +13,7 @@ prefill rows (task prefix + causal own tokens) and ``prefix_attention_decode`` o
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import os
 import time
 from collections import deque
@@ -105,9 +106,9 @@ class _StepPlan:
     write_slot: torch.Tensor | None = None  # (N,) slab slot of each stream row
     write_pos: torch.Tensor | None = None  # (N,) row inside the slab
     decode_rows: torch.Tensor | None = None  # (R,) slots decoding this step, in stream order
-    cache_lens: torch.Tensor | None = None  # (max_running,) valid rows per slot after the write (1 if idle)
-    slot_prefix: torch.Tensor | None = None  # (max_running,) pool index per slot (-1 if idle)
-    decode_q: torch.Tensor | None = None  # (max_running, Hq, D) workspace, allocated by the first layer
+    cache_lens: torch.Tensor | None = None  # (slots,) valid rows per slot after the write (1 if idle)
+    slot_prefix: torch.Tensor | None = None  # (slots,) pool index per slot (-1 if idle)
+    decode_q: torch.Tensor | None = None  # (slots, Hq, D) workspace, allocated by the first layer
     captured: list | None = None  # capture mode: per layer (k, v)
 
 
@@ -164,7 +165,8 @@ class MultiTaskEngine:
         self._pool = None  # (pool_k, pool_v, prefix_lens, task -> pool index), rebuilt when tasks change
         self._waiting: deque[_Running] = deque()
         self._running: list[_Running] = []
-        self._free = list(range(max_running - 1, -1, -1))  # request slots
+        self._free = list(range(max_running))  # a heap of free request slots: the lowest is taken first, so
+        # the running requests stay packed in the first slots and decode reads only those
         self._by_id: dict[int, _Running] = {}  # submitted, not finished
         self._next_id = 0
         if isinstance(prompts, nn.Module):
@@ -267,11 +269,12 @@ class MultiTaskEngine:
                                           plan.prefill_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks))
         if q.shape[0] > P:
-            # every slot runs (idle ones on one row, no prefix) so shapes stay fixed; keep the decoding rows
+            # slots up to the highest decoding one run (idle ones on one row, no prefix); keep the decoding rows
+            slots = plan.cache_lens.shape[0]  # up to the highest decoding slot
             if plan.decode_q is None:
-                plan.decode_q = q.new_zeros(self.max_running, *q.shape[1:])
+                plan.decode_q = q.new_zeros(slots, *q.shape[1:])
             plan.decode_q[plan.decode_rows] = q[P:]
-            out = prefix_attention_decode(plan.decode_q, slab_k, slab_v, plan.cache_lens, pool_k, pool_v,
+            out = prefix_attention_decode(plan.decode_q, slab_k[:slots], slab_v[:slots], plan.cache_lens, pool_k, pool_v,
                                           plan.slot_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks)
             parts.append(out[plan.decode_rows])
@@ -345,7 +348,7 @@ class MultiTaskEngine:
             return False
         if r in self._running:
             self._running.remove(r)
-            self._free.append(r.slot)
+            heapq.heappush(self._free, r.slot)
         else:
             self._waiting.remove(r)
         return True
@@ -364,8 +367,9 @@ class MultiTaskEngine:
             write_slot += [r.slot] * n
             write_pos += range(n)
             seqlens.append(n)
-        cache_lens = [1] * self.max_running
-        slot_prefix = [-1] * self.max_running
+        slots = max((r.slot for r in decode), default=-1) + 1
+        cache_lens = [1] * slots
+        slot_prefix = [-1] * slots
         for r in decode:
             ids.append(r.generated[-1])
             positions.append(prompt_len[r.task] + r.length)
@@ -445,7 +449,7 @@ class MultiTaskEngine:
         try:
             while self._waiting and self._free and len(self._waiting[0].input_ids) <= budget:
                 r = self._waiting.popleft()
-                r.slot = self._free.pop()
+                r.slot = heapq.heappop(self._free)
                 prefill.append(r)
                 budget -= len(r.input_ids)
                 self._ensure_prefix(r.task)
@@ -454,7 +458,7 @@ class MultiTaskEngine:
             tokens = self._sample(self.model.lm_head(hidden[last]), prefill + decode)
         except BaseException:
             for r in reversed(prefill):
-                self._free.append(r.slot)
+                heapq.heappush(self._free, r.slot)
                 r.slot = -1
                 self._waiting.appendleft(r)
             raise
@@ -467,7 +471,7 @@ class MultiTaskEngine:
             if update.result is None:
                 running.append(r)
             else:
-                self._free.append(r.slot)
+                heapq.heappush(self._free, r.slot)
                 del self._by_id[r.request_id]
         self._running = running
         return updates
