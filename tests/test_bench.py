@@ -94,3 +94,23 @@ def test_prefix_attention_bench_on_cpu_checks_agreement_and_refuses_to_time(monk
     monkeypatch.setattr(bench_prefix_attention, "prefix_attention_decode", lambda *a, **k: torch.zeros(3, 4, 16))
     with pytest.raises(bench_prefix_attention.Disagreement, match="decode"):
         bench_prefix_attention.smoke()
+
+
+def test_engine_bench_small_run_checks_agreement_and_writes_rows(monkeypatch, tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("peft")
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("MPTKERN_CACHE", str(tmp_path / "cache"))
+    import bench_engine
+
+    out = tmp_path / "engine.csv"
+    assert bench_engine.main(["--small", "--out", str(out)]) == 0
+    rows = {r["contender"]: r for r in _read(out)}
+    assert set(rows) == {"mptkern-engine", "hf-peft"} and float(rows["hf-peft"]["throughput_vs_hf"]) == 1.0
+    assert all(int(r["tokens"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows.values())
+    real = bench_engine.engine_run
+    wrong = lambda *a: [([t + 1 for t in tokens], *rest) for tokens, *rest in real(*a)]  # noqa: E731
+    monkeypatch.setattr(bench_engine, "engine_run", wrong)
+    with pytest.raises(bench_engine.harness.Disagreement, match="greedy tokens differ"):
+        bench_engine.main(["--small", "--out", str(out)])
+    assert len(_read(out)) == 2  # nothing written for the refused run

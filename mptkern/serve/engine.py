@@ -2,7 +2,8 @@
 
 Each task's prompt K/V is computed once at every layer (on first use) and kept in a per-layer pool;
 a request's own cache holds only its input and generated tokens, in one contiguous slab per request
-slot and layer, the layout :func:`mptkern.ops.prefix_attention_decode` reads. Every step runs the
+slot and layer (head-major, passed to the ops as views in the layout
+:func:`mptkern.ops.prefix_attention_decode` documents). Every step runs the
 model once over one packed stream ``[prefill tokens of newly admitted requests | one token per
 decoding request]``: the host plans the step once (:class:`_StepPlan`: positions, ``cu_seqlens``,
 prefix ids, slab write indices), then the attention function registered here only runs, per layer:
