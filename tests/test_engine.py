@@ -259,6 +259,7 @@ def test_streamed_text_holds_back_unsettled_characters():
     assert _unsettled("pain: wor", ("world", "xyz")) == 3  # may become "world"
     assert _unsettled("pain: w", ("wx", "world")) == 1
     assert _unsettled("ab", ("abcd",)) == 2 and _unsettled("ab", ("b",)) == 0
+    assert _unsettled("ok \ufffd", (" \u4f60",)) == 2  # the character may complete the stop string
 
 
 def test_step_that_raises_puts_admitted_requests_back():
@@ -285,3 +286,37 @@ def test_greedy_pick_takes_the_first_of_tied_maxima():
     logits[2] = -1.0
     rows = [type("R", (), {"request": Request("ner", input_ids=[5])})()] * 3
     assert engine._sample(logits, rows) == logits.argmax(-1).tolist() == [7, 2, 0]
+
+
+def test_tokenizer_failing_mid_step_leaves_the_engine_consistent():
+    """An exception after the model ran (here the tokenizer, on a streamed request's text) drops
+    that request, requeues the unstarted ones, keeps the others running; nothing leaks."""
+
+    class Flaky(CharTokenizer):
+        fail = False
+
+        def decode(self, ids, skip_special_tokens=True):
+            if self.fail:
+                raise RuntimeError("tokenizer failure")
+            return super().decode(ids, skip_special_tokens)
+
+    model = tiny_llama()
+    tok = Flaky()
+    engine = MultiTaskEngine(model, tok, prompts(model), max_batch_tokens=24, max_running=3, max_seq_len=32)
+    reqs = [Request("ner", input_ids=[5, 9, 40], max_new_tokens=6), Request("qa", input_ids=[7, 8], max_new_tokens=6),
+            Request("cls", input_ids=[4, 4, 4, 4], max_new_tokens=6)]
+    alone = [engine.generate([r])[0].token_ids for r in reqs]
+    first = engine.submit(reqs[0])
+    engine.step()  # reqs[0] is running
+    streamed = engine.submit(reqs[1], stream=True)
+    last = engine.submit(reqs[2])
+    tok.fail = True
+    with pytest.raises(RuntimeError, match="tokenizer failure"):
+        engine.step()
+    tok.fail = False
+    assert engine.num_pending == 2 and not engine.cancel(streamed)  # the failing request is gone
+    results = {}
+    while engine.num_pending:
+        results.update((u.request_id, u.result) for u in engine.step() if u.result is not None)
+    assert results[first].token_ids == alone[0] and results[last].token_ids == alone[2]
+    assert [r.token_ids for r in engine.generate(reqs)] == alone  # all three slots free again

@@ -379,3 +379,16 @@ def test_torch_backward_gradcheck_float64_with_lse_sinks_window():
         return out, lse
 
     assert torch.autograd.gradcheck(f, (q, k, v, pk, pv, sinks))
+
+
+def test_torch_sinks_far_above_every_score_do_not_overflow():
+    """A sink ~100 above the scores dominates the softmax: the LSE is the sink, its gradient 1."""
+    q, k, v, cu, pk, pv, ids, _ = _case([3, 4], 1, 5, 2, 1, 16, [0, -1])
+    s = torch.full((2,), 100.0, requires_grad=True)
+    out, lse = prefix_attention(q, k, v, cu, pk, pv, ids, sinks=s, return_lse=True, backend="torch")
+    r_out, r_lse = ref.prefix_attention(*(t.detach().double() if torch.is_tensor(t) and t.is_floating_point() else t
+                                          for t in (q, k, v, cu, pk, pv, ids)), sinks=s.detach().double())
+    torch.testing.assert_close(lse.double(), r_lse, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.double(), r_out, atol=1e-6, rtol=1e-5)
+    (d_sink,) = torch.autograd.grad(lse.sum(), s)
+    torch.testing.assert_close(d_sink, torch.full((2,), 7.0), atol=1e-4, rtol=1e-5)  # 7 rows, each d lse/d sink ~ 1

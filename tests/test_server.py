@@ -280,6 +280,24 @@ def test_engine_crash_is_500_and_server_survives(engine, monkeypatch):
         srv.shutdown()
 
 
+def test_engine_refusing_a_request_unexpectedly_is_500_alone(engine, monkeypatch):
+    srv = Server(engine, port=0).start()
+    real = engine.submit
+
+    def flaky(request, **kw):
+        if request.text == "boom":
+            raise RuntimeError("tokenizer failure")
+        return real(request, **kw)
+
+    monkeypatch.setattr(engine, "submit", flaky)
+    try:
+        response = post(srv, {"model": "ner", "prompt": "boom", "max_tokens": 2})
+        assert response[0] == 500 and "tokenizer failure" in error_of(response)["message"]
+        assert post(srv, {"model": "ner", "prompt": "abc", "max_tokens": 2})[0] == 200  # the worker lives on
+    finally:
+        srv.shutdown()
+
+
 def _rss_bytes():
     with open("/proc/self/status") as f:
         for line in f:

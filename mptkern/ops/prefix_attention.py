@@ -574,6 +574,8 @@ def _softmax_attend(scores, v, sinks=None):
     (callers that allow such rows mask them). ``sinks`` (broadcastable to (batch, rows, 1)) are extra
     logits with no value."""
     peak = scores.amax(-1, keepdim=True)
+    if sinks is not None:
+        peak = torch.maximum(peak, sinks)  # a sink far above every score must not overflow exp
     probs = scores.sub_(peak).exp_()
     denom = probs.sum(-1, keepdim=True)
     if sinks is not None:

@@ -344,15 +344,29 @@ class MultiTaskEngine:
 
     def cancel(self, request_id: int) -> bool:
         """Drop a submitted request (waiting or running) and free its slot; False if it is unknown or done."""
-        r = self._by_id.pop(request_id, None)
+        r = self._by_id.get(request_id)
         if r is None:
             return False
         if r in self._running:
             self._running.remove(r)
-            heapq.heappush(self._free, r.slot)
         else:
             self._waiting.remove(r)
+        self._drop(r)
         return True
+
+    def _requeue(self, admitted: list[_Running]) -> None:
+        """Admitted requests whose prefill did not count: free their slots, back to the queue front in order."""
+        for r in reversed(admitted):
+            heapq.heappush(self._free, r.slot)
+            r.slot, r.length = -1, 0
+            self._waiting.appendleft(r)
+
+    def _drop(self, r: _Running) -> None:
+        """Forget ``r`` (no longer in the running list or queue) and free its slot."""
+        self._by_id.pop(r.request_id, None)
+        if r.slot >= 0:
+            heapq.heappush(self._free, r.slot)
+            r.slot = -1
 
     # -- stepping -----------------------------------------------------------------------------
     def _plan(self, prefill: list[_Running], decode: list[_Running]):
@@ -458,22 +472,25 @@ class MultiTaskEngine:
             hidden = self._run_body(embeds, positions, plan)
             tokens = self._sample(self.model.lm_head(hidden[last]), prefill + decode)
         except BaseException:
-            for r in reversed(prefill):
-                heapq.heappush(self._free, r.slot)
-                r.slot = -1
-                self._waiting.appendleft(r)
+            self._requeue(prefill)
             raise
         now = time.perf_counter()
-        updates, running = [], []
-        for i, (r, token) in enumerate(zip(prefill + decode, tokens)):
-            r.length += len(r.input_ids) if i < len(prefill) else 1
-            update = self._advance(r, token, now)
+        updates, running, rows = [], [], prefill + decode
+        for i, (r, token) in enumerate(zip(rows, tokens)):
+            try:
+                r.length += len(r.input_ids) if i < len(prefill) else 1
+                update = self._advance(r, token, now)
+            except BaseException:  # e.g. the tokenizer failing on a token: leave the engine consistent
+                self._drop(r)
+                later = rows[i + 1 :]
+                self._requeue([w for w in later if w in prefill])
+                self._running = running + [w for w in later if w not in prefill]  # they redo this step's token
+                raise
             updates.append(update)
             if update.result is None:
                 running.append(r)
             else:
-                heapq.heappush(self._free, r.slot)
-                del self._by_id[r.request_id]
+                self._drop(r)
         self._running = running
         return updates
 
@@ -503,14 +520,16 @@ class MultiTaskEngine:
 
 def _unsettled(text: str, stops: Sequence[str]) -> int:
     """Characters at the end of ``text`` a later token may still change: an incomplete character
-    (U+FFFD from a partial UTF-8 sequence) or the beginning of a stop string."""
-    n = len(text) - len(text.rstrip("\ufffd"))
+    (a run of U+FFFD from a partial UTF-8 sequence) and, just before it, the beginning of a stop
+    string (which the completed character may finish)."""
+    settled = text.rstrip("\ufffd")
+    n = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s) - 1, len(settled)), n, -1):
+            if settled.endswith(s[:k]):
                 n = k
                 break
-    return n
+    return len(text) - len(settled) + n
 
 
 def _engine_attention_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,

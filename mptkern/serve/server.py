@@ -234,17 +234,22 @@ class Server:
         except queue.Full:
             raise _HTTPError(503, f"request queue is full ({self.queue.maxsize} waiting); retry later",
                              "unavailable_error", {"Retry-After": "1"}) from None
+        if self._stopping.is_set():  # shutdown began after the check above: its drain may have missed this job
+            self._fail_queued()
         return job
 
     def _work(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._admit()
-                for rid in [rid for rid, job in self.active.items() if job.cancelled]:
-                    self.engine.cancel(rid)
-                    del self.active[rid]
-                if self.active:
-                    self._step()
+                try:
+                    self._admit()
+                    for rid in [rid for rid, job in self.active.items() if job.cancelled]:
+                        self.engine.cancel(rid)
+                        del self.active[rid]
+                    if self.active:
+                        self._step()
+                except Exception as exc:  # noqa: BLE001 -- the worker must survive anything
+                    self._drop_active(_HTTPError(500, f"engine error: {type(exc).__name__}: {exc}", "server_error"))
         finally:
             self._drop_active(_HTTPError(503, "server is shutting down", "unavailable_error"))
 
@@ -262,6 +267,8 @@ class Server:
                 self.active[self.engine.submit(job.request, stream=job.stream)] = job
             except (TypeError, ValueError) as exc:
                 job.fail(_HTTPError(400, str(exc)))
+            except Exception as exc:  # noqa: BLE001 -- e.g. the tokenizer failing on this text
+                job.fail(_HTTPError(500, f"engine error: {type(exc).__name__}: {exc}", "server_error"))
 
     def _step(self) -> None:
         try:
@@ -278,10 +285,13 @@ class Server:
             job.update(update)
 
     def _drop_active(self, error: _HTTPError) -> None:
-        for rid, job in self.active.items():
-            self.engine.cancel(rid)
+        active, self.active = self.active, {}
+        for rid, job in active.items():
             job.fail(error)
-        self.active.clear()
+            try:
+                self.engine.cancel(rid)
+            except Exception:  # noqa: BLE001 -- every job is answered even if the engine is broken
+                pass
 
     def complete(self, request: Request):
         """Queue ``request`` and wait for its :class:`Result` (raises :class:`_HTTPError`)."""
