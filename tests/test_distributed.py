@@ -38,9 +38,13 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tmp_path):
     mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), str(cache)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0, r1)  # every rank holds the same prompts
-    # summation order differs (all-reduce vs local accumulation); Adam divides by sqrt(v), so for
-    # entries with near-zero gradient the difference shows up to ~1e-4, against steps of lr = 3e-2
-    torch.testing.assert_close(r0, single, atol=2e-4, rtol=1e-4)
-    assert not torch.equal(single, MPTTrainer(_config(tmp_path / "half", grad_accum=1), *small_smollm(cache)).train_teachers().prompts.detach())
+    # Summation order differs (all-reduce vs local accumulation). Adam divides by sqrt(v), so an entry
+    # whose gradient is zero up to rounding can move by up to ~lr = 3e-2 either way: a handful of
+    # entries may differ; every other entry must agree to 2e-4.
+    far = lambda a, b: ((a - b).abs() > 2e-4).float().mean().item()  # noqa: E731 -- fraction of entries apart
+    assert far(r0, single) < 1e-3, far(r0, single)
+    assert (r0 - single).abs().max() < 0.1
+    half = MPTTrainer(_config(tmp_path / "half", grad_accum=1), *small_smollm(cache)).train_teachers().prompts.detach()
+    assert far(half, single) > 0.1  # half the data per step: the criterion above tells it apart
     log = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3  # rank 0 logs, rank 1 does not
