@@ -1,5 +1,7 @@
 """MultiTaskEngine: greedy outputs equal HF generate on the PEFT-style concatenated prompt."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -320,3 +322,23 @@ def test_tokenizer_failing_mid_step_leaves_the_engine_consistent():
         results.update((u.request_id, u.result) for u in engine.step() if u.result is not None)
     assert results[first].token_ids == alone[0] and results[last].token_ids == alone[2]
     assert [r.token_ids for r in engine.generate(reqs)] == alone  # all three slots free again
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt_oss], ids=["llama-gqa", "gpt-oss-sinks-window"])
+def test_engine_on_the_triton_kernels_matches_hf_generate(make, monkeypatch):
+    """What runs on a GPU: the Triton prefill and decode kernels (here in the interpreter) reading the
+    engine's head-major slabs and prefix pool through their strides."""
+    from mptkern.backends import why_unavailable
+
+    if why_unavailable("triton", torch.device("cpu")):
+        pytest.skip(why_unavailable("triton", torch.device("cpu")))
+    monkeypatch.setenv("MPTKERN_BACKEND", "triton")
+    pa = importlib.import_module("mptkern.ops.prefix_attention")  # the module (mptkern.ops exports the function)
+    for name in ("_decode_torch", "_prefix_attention_torch"):  # prove the torch paths stay unused
+        monkeypatch.setattr(pa, name, lambda *a, **k: pytest.fail("the torch path ran"))
+    model = make()
+    specs = prompts(model)
+    engine = MultiTaskEngine(model, CharTokenizer(), specs, max_batch_tokens=24, max_running=3, max_seq_len=32)
+    reqs = mixed_requests(4, seed=3)
+    for req, res in zip(reqs, engine.generate(reqs)):
+        assert res.token_ids == hf_greedy(model, prompt_rows(specs[req.task]), req.input_ids, req.max_new_tokens), req
