@@ -675,6 +675,35 @@ def _prefix_attention_torch(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_
     return _TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, sinks, plan, scale, window)
 
 
+def _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks):
+    """The checks prefill and decode share: the prefix tensors against q's dtype/device, ``B``
+    sequences and ``Hkv`` heads; the window; the sinks. Raises ValueError."""
+    hq, dim = q.shape[1:]
+
+    def fail(msg):
+        raise ValueError(msg)
+
+    if (prefix_k is None) != (prefix_v is None) or (prefix_k is None) != (prefix_ids is None):
+        fail("prefix_k, prefix_v and prefix_ids must be given together")
+    if prefix_k is not None:
+        if prefix_k.dim() != 4 or prefix_k.shape[2:] != (hkv, dim) or prefix_v.shape != prefix_k.shape:
+            fail(f"prefix_k and prefix_v must have shape (P, Lp, Hkv={hkv}, D={dim}), got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            if t.dtype != q.dtype or t.device != q.device:
+                fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+        P, Lp = prefix_k.shape[:2]
+        if prefix_ids.shape != (B,) or prefix_ids.dtype.is_floating_point or prefix_ids.dtype == torch.bool:
+            fail(f"prefix_ids must be an integer tensor of shape (B={B},), got {prefix_ids.dtype} {tuple(prefix_ids.shape)}")
+        if prefix_lens is not None and (prefix_lens.shape != (P,) or prefix_lens.dtype.is_floating_point):
+            fail(f"prefix_lens must be an integer tensor of shape (P={P},), got {prefix_lens.dtype} {tuple(prefix_lens.shape)}")
+    elif prefix_lens is not None:
+        fail("prefix_lens given without prefix_k")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        fail(f"window must be a positive int or None, got {window!r}")
+    if sinks is not None and (sinks.shape != (hq,) or sinks.device != q.device):
+        fail(f"sinks must have shape (Hq={hq},) on {q.device}, got {tuple(sinks.shape)} on {sinks.device}")
+
+
 def _validate(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks, values=True):
     def fail(msg):
         raise ValueError(msg)
@@ -699,25 +728,7 @@ def _validate(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_lens, window, 
     B = cu.shape[0] - 1
     if values:
         _check_cu(cu, N)
-    if (prefix_k is None) != (prefix_v is None) or (prefix_k is None) != (prefix_ids is None):
-        fail("prefix_k, prefix_v and prefix_ids must be given together")
-    if prefix_k is not None:
-        if prefix_k.dim() != 4 or prefix_k.shape[2:] != (hkv, dim) or prefix_v.shape != prefix_k.shape:
-            fail(f"prefix_k and prefix_v must have shape (P, Lp, Hkv={hkv}, D={dim}), got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
-        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-            if t.dtype != q.dtype or t.device != q.device:
-                fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
-        P, Lp = prefix_k.shape[:2]
-        if prefix_ids.shape != (B,) or prefix_ids.dtype.is_floating_point or prefix_ids.dtype == torch.bool:
-            fail(f"prefix_ids must be an integer tensor of shape (B={B},), got {prefix_ids.dtype} {tuple(prefix_ids.shape)}")
-        if prefix_lens is not None and (prefix_lens.shape != (P,) or prefix_lens.dtype.is_floating_point):
-            fail(f"prefix_lens must be an integer tensor of shape (P={P},), got {prefix_lens.dtype} {tuple(prefix_lens.shape)}")
-    elif prefix_lens is not None:
-        fail("prefix_lens given without prefix_k")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        fail(f"window must be a positive int or None, got {window!r}")
-    if sinks is not None and (sinks.shape != (hq,) or sinks.device != q.device):
-        fail(f"sinks must have shape (Hq={hq},) on {q.device}, got {tuple(sinks.shape)} on {sinks.device}")
+    _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks)
     if values:
         _check_prefix_values(prefix_k, prefix_ids, prefix_lens)
 
@@ -1254,24 +1265,7 @@ def _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix
             fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
     if cache_lens.shape != (B,) or cache_lens.dtype.is_floating_point or cache_lens.device != q.device:
         fail(f"cache_lens must be an integer tensor of shape (B={B},) on {q.device}, got {cache_lens.dtype} {tuple(cache_lens.shape)}")
-    if (prefix_k is None) != (prefix_v is None) or (prefix_k is None) != (prefix_ids is None):
-        fail("prefix_k, prefix_v and prefix_ids must be given together")
-    if prefix_k is not None:
-        if prefix_k.dim() != 4 or prefix_k.shape[2:] != (hkv, dim) or prefix_v.shape != prefix_k.shape:
-            fail(f"prefix_k and prefix_v must have shape (P, Lp, Hkv={hkv}, D={dim}), got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
-        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-            if t.dtype != q.dtype or t.device != q.device:
-                fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
-        if prefix_ids.shape != (B,) or prefix_ids.dtype.is_floating_point:
-            fail(f"prefix_ids must be an integer tensor of shape (B={B},), got {prefix_ids.dtype} {tuple(prefix_ids.shape)}")
-        if prefix_lens is not None and (prefix_lens.shape != (prefix_k.shape[0],) or prefix_lens.dtype.is_floating_point):
-            fail(f"prefix_lens must be an integer tensor of shape (P={prefix_k.shape[0]},)")
-    elif prefix_lens is not None:
-        fail("prefix_lens given without prefix_k")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        fail(f"window must be a positive int or None, got {window!r}")
-    if sinks is not None and (sinks.shape != (hq,) or sinks.device != q.device):
-        fail(f"sinks must have shape (Hq={hq},) on {q.device}, got {tuple(sinks.shape)} on {sinks.device}")
+    _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks)
 
 
 def prefix_attention_decode(
