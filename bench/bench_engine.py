@@ -1,4 +1,4 @@
-"""Multi-task serving: ``MultiTaskEngine`` vs Hugging Face ``generate`` on a PEFT prompt, per task groups.
+"""Multi-task serving: ``MultiTaskEngine`` vs Hugging Face ``generate`` with the prompt concatenated, per task groups.
 
 Workload (offline, every request submitted at t = 0): K tasks x R requests on the frozen
 SmolLM2-135M-Instruct (``mptkern.models.load_default``), each request's input a synthetic clinical
@@ -6,30 +6,38 @@ text (the eval examples' ``source`` text of the first K source tasks of ``mptker
 one suite task per served task) cut to a random length in [min_len, max_len] tokens, greedy decoding
 of a random ``max_new_tokens`` in [min_new, max_new] with EOS (``<|im_end|>``) stopping.
 The prompt is one random ``MultitaskPrompt`` (K tasks, l rows, rank 1), written as a PEFT
-MultitaskPromptTuning adapter (``to_peft``); both contenders read that adapter, so both run the
+MultitaskPromptTuning adapter (``to_peft``); every contender reads that adapter, so all run the
 same prompt values:
 
   * ``mptkern-engine``: ``MultiTaskEngine(model, tok, MultitaskPrompt.from_peft(adapter))``, all
     requests in one ``generate`` call (continuous batching, each task's prompt K/V computed once);
-  * ``hf-peft``: ``PeftModel.from_pretrained(model, adapter)``; requests grouped by task, in batches of
-    up to ``--hf-batch`` requests, left padded, ``peft_model.generate(input_ids, attention_mask,
-    task_ids=..., max_new_tokens=<largest in the batch>, do_sample=False)``; each request's output is
-    cut at its own max_new_tokens and after its first EOS (static batching keeps decoding finished rows).
+  * ``hf-generate`` (the baseline every ratio is taken against): requests grouped by task, in
+    batches of up to ``--hf-batch``, left padded; ``model.generate(inputs_embeds, attention_mask)``
+    on the prompt rows concatenated before the input embeddings (``mptkern.models.concat_prompt``,
+    PEFT's layout; positions follow the mask), ``max_new_tokens`` = the largest in the batch; each
+    request's output is cut at its own max_new_tokens and after its first EOS (static batching
+    keeps decoding finished rows). It depends on transformers alone;
+  * ``hf-peft``: the same batches through ``PeftModel.from_pretrained(model, adapter).generate(
+    input_ids, attention_mask, task_ids=...)``, timed only when its unbatched outputs equal
+    ``hf-generate``'s. With transformers >= 5.24 and peft <= 0.21.2 they do not: transformers renamed
+    the cache that ``generate`` hands to ``prepare_inputs_for_generation`` from ``past_key_values``
+    to ``cache``, peft still looks for ``past_key_values``, finds none, and re-inserts the prompt
+    before every decoded token (the run reports this and leaves hf-peft out).
 
 Before timing, ``--check`` requests (spread over the tasks) are generated one at a time (no padding)
-by PEFT and by the engine; the run stops without timing or writing anything if any request's tokens
-differ. Compared: the generated token ids, cut after the first EOS (the engine returns the EOS that
-ended a request, as HF does) and at max_new_tokens. The batched HF outputs of the timed run are
-compared too and their agreement is reported, overall and for the rows without padding: PEFT's
-prompt-learning ``generate`` drops ``position_ids`` ("Position ids are not supported for parameter
-efficient tuning"), so a left-padded row's tokens get positions shifted by its padding length (and
-padding changes matmul shapes), which can change its greedy output; that is reported, not fatal.
+by every contender; the run stops without timing or writing anything if the engine's tokens differ
+from ``hf-generate``'s. Compared: the generated token ids, cut after the first EOS (the engine
+returns the EOS that ended a request, as HF does) and at max_new_tokens. The batched outputs of the
+timed run are compared too and their agreement with the engine is reported: padding changes matmul
+shapes, which can flip a near-tie greedy pick, so that is reported, not fatal.
 
 Measured per contender, one timed pass over all requests after a warmup (``--repeats`` passes,
 median): throughput = tokens generated (what each request asked for, to EOS) per second of the
 pass; time to first token (TTFT) and time per output token (TPOT = (finish - first token) /
 (tokens - 1)) per request, from the start of the pass, medians over requests. HF per-step times come
-from a logits processor called once per decoding step. CPU: only ratios count.
+from a logits processor called once per decoding step. CPU: only ratios count. In the CSV,
+``throughput_vs_hf`` is the ratio to the same run's ``hf-generate`` row (rows before 2026-12-03:
+to ``hf-peft``, then the only HF contender).
 
     python bench/bench_engine.py --device cpu            # 8 tasks x 32 requests, l = 100
     python bench/bench_engine.py --small                 # smoke run
@@ -38,6 +46,7 @@ from a logits processor called once per decoding step. CPU: only ratios count.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import random
 import statistics
 import sys
@@ -48,7 +57,7 @@ import torch
 
 import harness
 
-CONTENDERS = ("mptkern-engine", "hf-peft")
+BASELINE = "hf-generate"
 
 
 def make_requests(args, tok, task_names):
@@ -90,8 +99,9 @@ class StepClock:
         return scores
 
 
-def hf_run(peft_model, reqs, args, pad_id, eos_ids, start=None):
-    """Group by task, left-pad batches of up to hf_batch; returns per request (tokens, ttft, finish)."""
+def hf_run(generate, reqs, args, pad_id, eos_ids, start=None):
+    """Group by task, left-pad batches of up to hf_batch; ``generate(ids, mask, task, **kwargs)``
+    returns the new tokens ``(b, m)``. Returns per request (tokens, ttft, finish, padding)."""
     from transformers import LogitsProcessorList
 
     start = time.perf_counter() if start is None else start
@@ -110,17 +120,33 @@ def hf_run(peft_model, reqs, args, pad_id, eos_ids, start=None):
                 ids[r, n - len(t):] = torch.tensor(t)
                 mask[r, n - len(t):] = 1
             clock = StepClock()
-            dev = peft_model.device
-            ids, mask = ids.to(dev), mask.to(dev)
             with torch.no_grad():
-                gen = peft_model.generate(input_ids=ids, attention_mask=mask, task_ids=torch.full((len(chunk),), k, device=dev),
-                                          max_new_tokens=max(reqs[i][2] for i in chunk), do_sample=False,
-                                          pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
-            new = gen[:, n:] if gen.shape[1] > n else gen  # decoder-only generate returns input + new tokens
+                new = generate(ids, mask, k, max_new_tokens=max(reqs[i][2] for i in chunk), do_sample=False,
+                               pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
             for r, i in enumerate(chunk):
                 tokens = cut(new[r].tolist(), reqs[i][2], eos_ids)
                 out[i] = (tokens, clock.times[0] - start, clock.times[len(tokens) - 1] - start, n - len(reqs[i][1]))
     return out
+
+
+def hf_generators(model, prompt, peft_model):
+    """The two HF contenders as ``generate(ids, mask, task, **kwargs) -> new tokens (b, m)``."""
+    from mptkern.models import concat_prompt
+
+    dev = model.device
+
+    def plain(ids, mask, k, **kwargs):
+        ids, mask = ids.to(dev), mask.to(dev)
+        embeds, full_mask = concat_prompt(prompt(torch.full((len(ids),), k, device=dev)),
+                                          model.get_input_embeddings()(ids), mask)
+        return model.generate(inputs_embeds=embeds, attention_mask=full_mask, **kwargs)  # new tokens only
+
+    def peft(ids, mask, k, **kwargs):
+        ids, mask = ids.to(dev), mask.to(dev)
+        gen = peft_model.generate(input_ids=ids, attention_mask=mask, task_ids=torch.full((len(ids),), k, device=dev), **kwargs)
+        return gen[:, ids.shape[1]:]  # decoder-only generate returns input + new tokens
+
+    return {BASELINE: plain, "hf-peft": peft}
 
 
 def engine_run(engine, reqs, task_names):
@@ -183,44 +209,54 @@ def main(argv=None) -> int:
         prompt.to_peft(adapter)
         # the base model is shared: a prompt-learning adapter adds no layers to it
         peft_model = PeftModel.from_pretrained(model, adapter).to(device, dtype).eval()
-        engine_prompt = MultitaskPrompt.from_peft(adapter, device=device).to(dtype)
+        loaded = MultitaskPrompt.from_peft(adapter, device=device).to(dtype)
     max_seq = args.max_len + args.max_new
-    engine = MultiTaskEngine(model, tok, engine_prompt, max_batch_tokens=args.max_batch_tokens,
+    engine = MultiTaskEngine(model, tok, loaded, max_batch_tokens=args.max_batch_tokens,
                              max_running=args.max_running, max_seq_len=max_seq)
+    hf = hf_generators(model, loaded, peft_model)
+    run = {"mptkern-engine": lambda rs, t0=None: engine_run(engine, rs, task_names),
+           **{name: (lambda rs, t0=None, g=g: hf_run(g, rs, args, pad_id, eos_ids, t0)) for name, g in hf.items()}}
 
     # -- agreement before timing: one request at a time, no padding ------------------------------
     picks = [reqs[(i * len(reqs)) // args.check] for i in range(args.check)] if args.check else []
+    peft_bad = None
     for j, req in enumerate(picks):
-        hf = hf_run(peft_model, [req], args, pad_id, eos_ids)[0][0]
-        ours = engine_run(engine, [req], task_names)[0][0]
-        if hf != ours:
+        out = {name: fn([req])[0][0] for name, fn in run.items()}
+        if out["mptkern-engine"] != out[BASELINE]:
             print(f"DISAGREEMENT on check request {j} (task {task_names[req[0]]}, {len(req[1])} input tokens):\n"
-                  f"  hf-peft: {hf}\n  engine:  {ours}", file=sys.stderr)
+                  f"  {BASELINE}: {out[BASELINE]}\n  engine:      {out['mptkern-engine']}", file=sys.stderr)
             raise harness.Disagreement("greedy tokens differ; nothing is timed or written")
-    print(f"check: {len(picks)} requests token-identical (HF PEFT generate unbatched vs engine)")
+        if peft_bad is None and out["hf-peft"] != out[BASELINE]:
+            peft_bad = (j, out["hf-peft"], out[BASELINE])
+    print(f"check: {len(picks)} requests token-identical (engine vs {BASELINE}, unbatched)")
+    contenders = ["mptkern-engine", BASELINE]
+    if peft_bad is None:
+        contenders.append("hf-peft")
+        print(f"check: hf-peft equals {BASELINE} on the same requests")
+    else:
+        j, bad, good = peft_bad
+        print(f"hf-peft left out: its greedy tokens differ from {BASELINE} on check request {j} "
+              f"(peft {importlib.metadata.version('peft')}, transformers {importlib.metadata.version('transformers')}):\n"
+              f"  hf-peft:     {bad}\n  {BASELINE}: {good}")
 
     # -- timing ------------------------------------------------------------------------------------
     warm = reqs[: min(len(reqs), 2 * args.K)]
-    engine_run(engine, warm, task_names)
-    hf_run(peft_model, warm, args, pad_id, eos_ids)
-    timed = {name: [] for name in CONTENDERS}
-    outputs = {}
+    for name in contenders:
+        run[name](warm)
+    timed = {name: [] for name in contenders}
     for rep in range(args.repeats):
-        for name in (CONTENDERS if rep % 2 == 0 else CONTENDERS[::-1]):
+        for name in (contenders if rep % 2 == 0 else contenders[::-1]):
             t0 = time.perf_counter()
-            runs = engine_run(engine, reqs, task_names) if name == "mptkern-engine" else hf_run(peft_model, reqs, args, pad_id, eos_ids, t0)
+            runs = run[name](reqs, t0)
             timed[name].append((time.perf_counter() - t0, runs))
-            outputs[name] = runs
-    pairs = list(zip(outputs["mptkern-engine"], outputs["hf-peft"]))
-    agree = sum(a[0] == b[0] for a, b in pairs)
-    unpadded = [a[0] == b[0] for a, b in pairs if b[3] == 0]
-    stats = {}
+    stats, outputs = {}, {}
     for name, passes in timed.items():
-        seconds, runs = sorted(passes, key=lambda x: x[0])[len(passes) // 2]
-        stats[name] = summarize(runs, seconds)
-    base = stats["hf-peft"]
+        seconds, outputs[name] = sorted(passes, key=lambda x: x[0])[len(passes) // 2]
+        stats[name] = summarize(outputs[name], seconds)
+    base = stats[BASELINE]
     rows = []
     for name, s in stats.items():
+        agree = sum(a[0] == b[0] for a, b in zip(outputs[name], outputs["mptkern-engine"]))
         rows.append(dict(op="multitask_generate", contender=name, K=args.K, requests=len(reqs), l=args.l,
                          min_len=args.min_len, max_len=args.max_len, min_new=args.min_new, max_new=args.max_new,
                          hf_batch=args.hf_batch, max_running=args.max_running, dtype=args.dtype,
@@ -232,17 +268,17 @@ def main(argv=None) -> int:
     print(f"multi-task generation, SmolLM2-135M, K={args.K} tasks x {args.R} requests, l={args.l}, inputs "
           f"{args.min_len}-{args.max_len} tokens, {args.min_new}-{args.max_new} new tokens, greedy, {args.dtype} "
           f"on {harness.device_name(args.device)}")
-    print(f"{'contender':<16} {'tokens':>7} {'s':>8} {'tokens/s':>9} {'vs hf':>6} {'TTFT ms':>9} {'TPOT ms':>8}")
+    print(f"{'contender':<16} {'tokens':>7} {'s':>8} {'tokens/s':>9} {'vs ' + BASELINE:>14} {'TTFT ms':>9} {'TPOT ms':>8} "
+          f"{'= engine':>9}")
     for r in rows:
         print(f"{r['contender']:<16} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['throughput_vs_hf']:>6.2f} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>8.2f}")
-    print(f"token-identical requests in the timed runs (HF batched, left padded): {agree}/{len(reqs)}; "
-          f"among HF rows without padding: {sum(unpadded)}/{len(unpadded)}. PEFT prompt tuning drops position_ids, so "
-          f"a left-padded row's tokens sit at positions shifted by its padding: a padding effect, not an engine error.")
+              f"{r['throughput_vs_hf']:>14.2f} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>8.2f} "
+              f"{r['identical_requests']:>4}/{len(reqs)}")
+    print("'= engine': requests whose tokens equal the engine's; HF batches are left padded, and padding changes "
+          "matmul shapes, which can flip a near-tie greedy pick.")
     if not args.device.startswith("cuda"):
         print("CPU run: only the ratios measured side by side here count.")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,14 +12,14 @@ import argparse
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from mptkern._optional import MissingDependency, require
 
 
 def plot(csv_path, metric="ms", date=None) -> Path:
     """Write the PNG for ``metric`` of the run at ``date`` (default: the latest); returns its path."""
+    require("matplotlib", purpose="bench/plot.py").use("Agg")
+    import matplotlib.pyplot as plt
+
     csv_path = Path(csv_path)
     with csv_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -55,4 +55,7 @@ if __name__ == "__main__":
     p.add_argument("--metric", default="ms")
     p.add_argument("--date", default=None)
     a = p.parse_args()
-    print(plot(a.csv, a.metric, a.date))
+    try:
+        print(plot(a.csv, a.metric, a.date))
+    except MissingDependency as exc:
+        raise SystemExit(str(exc)) from None

@@ -43,9 +43,10 @@ def _eval(args) -> int:
 
 
 def _env(args) -> int:
-    from mptkern.env import format_report
+    from mptkern.env import format_report, warn_untested
 
     print(format_report())
+    warn_untested()
     return 0
 
 
@@ -130,7 +131,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body bytes at most; more get 413")
     p.set_defaults(fn=_serve)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    from mptkern._optional import MissingDependency
+
+    try:
+        return args.fn(args)
+    except MissingDependency as exc:  # an optional package: one line, not a traceback
+        print(f"mptkern {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ def test_cache_written_atomically(loads):
     assert "quantization_config" not in config
 
 
+@pytest.mark.parametrize("which", ["first", "cached"])
+def test_eos_and_pad_are_the_chat_eos(loads, which):
+    """Whatever the transformers release reads from the GGUF, EOS and pad are <|im_end|>, the
+    generation config's EOS (transformers 5.17 alone would give <|im_start|> and no pad)."""
+    model, tok = loads[which]
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    assert tok.eos_token_id == tok.pad_token_id == model.generation_config.eos_token_id
+
+
 def test_cached_load_is_faster(loads):
     first, cached = loads["times"]
     assert cached < 0.5 * first, f"cached load {cached:.2f} s is not much faster than the first {first:.2f} s"

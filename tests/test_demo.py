@@ -1,3 +1,5 @@
+import csv
+import re
 import subprocess
 import sys
 
@@ -8,8 +10,6 @@ from mptkern import demo
 
 def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch, capsys):
     """The demo's wiring at a seconds-long size: every stage, every method, the report table."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("peft")
     from mptkern.models.default import gguf_path
 
     try:
@@ -21,6 +21,13 @@ def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch, capsys
     for method in ("mpt", "prompt_tuning", "lora"):
         assert method in report
     assert "held-out targets" in report and "% of the model" in report
+    # the end of the report: total and per-stage times, and where every output went
+    assert re.search(r"^time: \d+ s in all; model and data \d+ s, teachers \d+ s, distill \d+ s, targets \d+ s$", report, re.M)
+    for path in ("log.jsonl", "results.csv", "results.json", "student_adapter"):
+        assert str((tmp_path / "run" / path).resolve()) in report
+    with open(tmp_path / "run" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"mpt", "prompt_tuning", "lora"} and all(r["score"] for r in rows)
     assert (tmp_path / "run" / "student_adapter" / "adapter_config.json").exists()
     assert (tmp_path / "run" / "results.json").exists()
     # `mptkern eval` scores the exported student on its source tasks

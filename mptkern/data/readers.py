@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mptkern._optional import require
 from mptkern.data.schema import (
     Entity, Example, Relation, Task, collapse_ws, format_nli_input, format_qa_input, make_example,
     normalize_answer,
@@ -493,9 +494,8 @@ def read_jsonl(path, *, engine: str = "json", cache_dir: str | None = None) -> l
         lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
     rows = None
     if engine == "datasets":
+        datasets = require("datasets", purpose='read_jsonl(engine="datasets")')
         try:
-            import datasets
-
             ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
             rows = ds.to_list() if len(ds) == len(lines) else None
         except Exception as exc:  # noqa: BLE001 - any Arrow/datasets failure: diagnose line by line below

