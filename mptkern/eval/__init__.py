@@ -9,8 +9,7 @@ Example::
 """
 
 from mptkern.eval.metrics import (
-    accuracy, entity_prf, mean_rouge_l, micro_prf, relation_prf, rouge_l, rouge_l_tokens, score, tokenize_rouge,
+    accuracy, entity_prf, mean_rouge_l, micro_prf, relation_prf, rouge_l, score,
 )
 
-__all__ = ["score", "micro_prf", "entity_prf", "relation_prf", "accuracy", "rouge_l", "rouge_l_tokens",
-           "mean_rouge_l", "tokenize_rouge"]
+__all__ = ["score", "micro_prf", "entity_prf", "relation_prf", "accuracy", "rouge_l", "mean_rouge_l"]

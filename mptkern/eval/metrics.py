@@ -9,9 +9,8 @@ ner                strict micro F1: an entity counts when its whitespace-collaps
                    count is a false positive)
 re                 strict micro F1 over ``(head, type, tail)``, the same way
 qa, nli            accuracy (an unparseable answer is wrong)
-summarization      ROUGE-L F1 averaged over examples: longest common subsequence of lower-cased
-                   alphanumeric tokens (the tokenization of Google's ``rouge-score`` without
-                   stemming), written here with no external package
+summarization      ROUGE-L F1 averaged over examples, by Google's ``rouge-score`` (longest common
+                   subsequence of lower-cased alphanumeric tokens, no stemming)
 =================  ===========================================================================
 
 Micro F1 is ``2 tp / (2 tp + fp + fn)`` summed over all examples; precision ``tp / (tp + fp)`` and
@@ -21,14 +20,13 @@ prediction at all (nothing to find, nothing wrong) all three are 1.0.
 
 from __future__ import annotations
 
-import re
+import functools
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 
 from mptkern.data.schema import Entity, Example, Relation, Task, gold_output, parse_output
 
-__all__ = ["micro_prf", "entity_prf", "relation_prf", "accuracy", "rouge_l", "rouge_l_tokens", "mean_rouge_l",
-           "tokenize_rouge", "score"]
+__all__ = ["micro_prf", "entity_prf", "relation_prf", "accuracy", "rouge_l", "mean_rouge_l", "score"]
 
 
 def micro_prf(predicted: Iterable[Iterable[Hashable]], gold: Iterable[Iterable[Hashable]]) -> dict:
@@ -73,44 +71,23 @@ def accuracy(predicted: Sequence, gold: Sequence) -> dict:
     return {"accuracy": correct / len(gold) if gold else 0.0, "correct": correct, "n": len(gold)}
 
 
-_TOKEN = re.compile(r"[a-z0-9]+")
+@functools.cache
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer  # imports nltk: loaded on first use only
 
-
-def tokenize_rouge(text: str) -> list[str]:
-    """Lower-case alphanumeric runs: ``"Colonoscopy: 2 polyps, no bleeding."`` ->
-    ``["colonoscopy", "2", "polyps", "no", "bleeding"]``."""
-    return _TOKEN.findall(text.lower())
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l_tokens(prediction: Sequence[str], reference: Sequence[str]) -> dict:
-    """ROUGE-L on token lists: ``P = lcs / len(prediction)``, ``R = lcs / len(reference)``,
-    ``F = 2PR / (P + R)``; all 0 when either list is empty (as ``rouge-score`` does).
-
-    Returns:
-        ``{"precision", "recall", "f1", "lcs"}``.
-    """
-    if not prediction or not reference:
-        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "lcs": 0}
-    lcs = _lcs_length(prediction, reference)
-    p, r = lcs / len(prediction), lcs / len(reference)
-    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if lcs else 0.0, "lcs": lcs}
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(prediction: str, reference: str) -> dict:
-    """ROUGE-L of two texts after :func:`tokenize_rouge` (see :func:`rouge_l_tokens`)."""
-    return rouge_l_tokens(tokenize_rouge(prediction), tokenize_rouge(reference))
+    """ROUGE-L of two texts by ``rouge_score.rouge_scorer.RougeScorer(["rougeL"])``: ``P = lcs /
+    len(prediction)``, ``R = lcs / len(reference)``, ``F = 2PR / (P + R)`` over lower-cased
+    alphanumeric tokens; all 0 when either text has no token.
+
+    Returns:
+        ``{"precision", "recall", "f1"}``.
+    """
+    res = _rouge_l_scorer().score(reference, prediction)["rougeL"]  # rouge-score takes (target, prediction)
+    return {"precision": float(res.precision), "recall": float(res.recall), "f1": float(res.fmeasure)}
 
 
 def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> dict:

