@@ -26,19 +26,21 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from mptkern.prompts import MultitaskPrompt
     from mptkern.train import MPTTrainer, TrainConfig, load_config
+    from mptkern.train.evaluation import EvalRun, evaluate_runs
 
     config = load_config(args.config) if args.config else TrainConfig()
     trainer = MPTTrainer(config)
     prompt = MultitaskPrompt.from_peft(args.adapter, device=trainer.device).to(trainer.dtype)
     names = prompt.task_names or [t.name for t in trainer.sources]
     tasks = {t.name: t for t in trainer.sources + trainer.targets}
-    for i, name in enumerate(names):
+    for name in names:
         if name not in tasks:
             print(f"{name}: no such task in the configured data", file=sys.stderr)
-            continue
-        one = MultitaskPrompt.from_source(prompt, "exact_source_task", num_tasks=1, task=i)
-        res = trainer.evaluate(one, tasks[name])
-        print(f"{name:<20} {res['metric']:<9} {res['score']:.3f}  (n={res['n']})")
+    runs = [EvalRun(name, tasks[name], (prompt, i)) for i, name in enumerate(names) if name in tasks]
+    scores = evaluate_runs(trainer.model, trainer.tokenizer, runs, max_new_tokens=config.max_new_tokens)
+    for run in runs:  # every task's requests in one engine call
+        res = scores[run.name]
+        print(f"{run.name:<20} {res['metric']:<9} {res['score']:.3f}  (n={res['n']})")
     return 0
 
 

@@ -51,16 +51,28 @@ def run(config: TrainConfig) -> str:
         f"per target, MPT trains {mpt:,} parameters ({100 * mpt / frozen:.4f}% of the model); "
         f"prompt length {config.prompt_len}, rank {config.rank}",
         f"scores on {config.data.n_eval} held-out examples per target by greedy generation "
-        f"(micro F1 / accuracy / ROUGE-L); k = training examples",
+        f"(micro F1 / accuracy / ROUGE-L); k = training examples; mean ± std over seeds",
         "",
+    ]
+    runs = trainer.target_runs()
+    trained = [r for r in runs if r.k]
+    budget = [
+        f"teachers {config.teachers.steps} steps x {config.teachers.batch_size} examples",
+        f"distillation {config.distill.steps} steps x {config.distill.batch_size} "
+        f"(teacher cache: {config.distill_loss.teacher_cache})",
+        f"targets {len(runs)} runs: {sum(r.method != 'lora' for r in trained)} prompt runs in one stream and "
+        f"{sum(r.method == 'lora' for r in trained)} LoRA runs, {config.target.steps} steps x up to "
+        f"{config.target.batch_size} each; {len(runs) * config.data.n_eval} eval requests",
     ]
     tail = [
         "",
+        "budget: " + "; ".join(budget),
         f"time: {total:.0f} s in all; " + ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items()),
         f"log:             {out / 'log.jsonl'}",
         f"checkpoints:     {out}/*.ckpt",
-        f"results:         {out / 'results.csv'}, {out / 'results.json'}",
+        f"results:         {out / 'results.csv'}, {out / 'results.json'}, plot {out / 'results.png'}",
         f"student adapter: {out / 'student_adapter'} (PEFT format; mptkern eval --adapter / mptkern serve --adapter)",
+        f"target adapters: {out / 'adapters'} (every trained MPT prompt and LoRA run)",
     ]
     return "\n".join(head) + MPTTrainer.format_results(results) + "\n" + "\n".join(tail)
 

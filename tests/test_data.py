@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mptkern.data import (
-    FORMATS, TASK_TYPES, Collator, DataFormatError, Entity, GenerationCollator, IgnoredAnnotationsWarning,
+    FORMATS, TASK_TYPES, Collator, DataFormatError, Entity, IgnoredAnnotationsWarning, InputFormat,
     MixedTaskSampler, Relation, Task, TaskSubsetSampler, flatten, gold_output, load_registry, make_example,
     make_suite, parse_output, read_brat, read_conll, read_jsonl, read_jsonl_nli, read_jsonl_qa,
     read_jsonl_summarization, read_registry, registry_path, task_sizes,
@@ -514,13 +514,13 @@ def test_collator_shapes_and_label_masking(suite, padding_side):
     check_batch(tok, batch, examples, index, padding_side)
 
 
-def test_collator_bos_truncation_and_generation_batches(suite):
+def test_collator_bos_truncation_and_the_shared_input_format(suite):
     tok = word_tokenizer(suite, bos=True)
     tasks = all_tasks(suite)
     index = {t.name: i for i, t in enumerate(tasks)}
     examples = [t.train[1] for t in tasks]
     collate = Collator(tok, index, max_length=24)
-    assert collate.prefix == [3]
+    assert collate.format.prefix == [3]
     batch = collate(examples)
     assert batch["input_ids"].shape[1] <= 24 and collate.truncated > 0
     assert (batch["input_ids"][:, 0] == 3).all()
@@ -529,12 +529,10 @@ def test_collator_bos_truncation_and_generation_batches(suite):
         k = int((labels == -100).logical_and(batch["attention_mask"][b].bool()).sum())
         cue = tok(ANSWER_CUE, add_special_tokens=False)["input_ids"]
         assert batch["input_ids"][b, k - len(cue):k].tolist() == cue  # the answer cue survives truncation
-    gen = GenerationCollator(tok, index, max_length=256)(examples)
+    fmt = InputFormat(tok)
     full = Collator(tok, index, max_length=256)(examples)
-    assert set(gen) == {"input_ids", "attention_mask", "task_ids"}
-    assert gen["attention_mask"][:, -1].all()  # left padded: every row ends at the last column
-    for b in range(len(examples)):
-        src = gen["input_ids"][b][gen["attention_mask"][b].bool()].tolist()
+    for b, ex in enumerate(examples):
+        src = fmt.source(ex.instruction, ex.input, 256)[0]  # what evaluation and the engine feed
         real_full = full["input_ids"][b][full["attention_mask"][b].bool()].tolist()
         lab_full = full["labels"][b][full["attention_mask"][b].bool()].tolist()
         assert src == [t for t, lab in zip(real_full, lab_full) if lab == -100]  # prompt == training prefix

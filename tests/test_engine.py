@@ -87,6 +87,45 @@ def test_greedy_matches_hf_generate(make):
         assert 0 < res.time_to_first_token <= res.total_time
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt_oss], ids=["llama-gqa", "gpt-oss-sinks-window"])
+def test_tasks_without_a_prompt_run_beside_prompted_ones(make):
+    """A task registered with None is the model as it is (e.g. a LoRA-adapted model): HF generate on
+    the input alone, in the same batches as prompted tasks, and alone in an engine of no prompts."""
+    model = make()
+    specs = {**prompts(model), "plain": None}
+    reqs = mixed_requests(6) + [Request("plain", input_ids=[4, 9, 30], max_new_tokens=6),
+                                Request("plain", input_ids=[7] * 9, max_new_tokens=4)]
+    empty = torch.zeros(0, model.config.hidden_size)
+    for engine, batch in ((engine_for(model, specs), reqs), (engine_for(model, {"plain": None}), reqs[-2:])):
+        for req, res in zip(batch, engine.generate(batch)):
+            rows = empty if specs[req.task] is None else prompt_rows(specs[req.task])
+            assert res.token_ids == hf_greedy(model, rows, req.input_ids, req.max_new_tokens), req
+
+
+def test_text_requests_of_a_task_with_an_instruction_are_formatted_as_in_training():
+    from mptkern.data import Collator, InputFormat, make_suite
+    from tests.test_data import word_tokenizer
+
+    suite = make_suite(seed=0, n_train=2, n_eval=1)
+    task = suite["targets"][0]
+    tok = word_tokenizer(suite, bos=True)
+    model = tiny_models.tiny_llama(vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    engine = MultiTaskEngine(model, tok, {"t": None}, instructions={"t": task.instruction}, max_seq_len=128)
+    ex = task.eval[0]
+    batch = Collator(tok, {task.name: 0})([ex])
+    source = [t for t, lab in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if lab == -100]
+    assert InputFormat(tok).source(task.instruction, ex.input)[0] == source
+    formatted = engine.generate([Request("t", text=ex.input, max_new_tokens=3)])[0]
+    by_ids = engine.generate([Request("t", input_ids=source, max_new_tokens=3)])[0]
+    raw = engine.generate([Request("t", text=ex.input, max_new_tokens=3, raw=True)])[0]
+    assert formatted.token_ids == by_ids.token_ids and formatted.prompt_tokens == len(source)
+    assert raw.prompt_tokens == len(tok(ex.input, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="unknown task"):
+        engine.set_instruction("nope", "x")
+    with pytest.raises(TypeError, match="instruction must be a string"):
+        engine.set_instruction("t", 3)
+
+
 def engine_for(model, specs=None, **kw):
     kw = {"max_batch_tokens": 24, "max_running": 3, "max_seq_len": 32, **kw}
     return MultiTaskEngine(model, CharTokenizer(), prompts(model) if specs is None else specs, **kw)

@@ -16,7 +16,7 @@ Example::
         batch = collate([examples[i] for i in idx])            # input_ids, attention_mask, labels, task_ids
 """
 
-from mptkern.data.collator import Collator, GenerationCollator
+from mptkern.data.collator import Collator, InputFormat
 from mptkern.data.readers import (
     READERS, DataFormatError, IgnoredAnnotationsWarning, read_brat, read_conll, read_jsonl, read_jsonl_nli,
     read_jsonl_qa, read_jsonl_summarization,
@@ -41,5 +41,5 @@ __all__ = [
     # synthetic suite
     "make_suite", "SOURCE_TASKS", "TARGET_TASKS",
     # batching
-    "Collator", "GenerationCollator", "MixedTaskSampler", "TaskSubsetSampler", "flatten", "task_sizes",
+    "Collator", "InputFormat", "MixedTaskSampler", "TaskSubsetSampler", "flatten", "task_sizes",
 ]

@@ -1,14 +1,14 @@
-"""Collators: examples -> padded tensor batches with task ids, ready for ``PromptedLM``.
+"""The input format and the training collator: examples -> padded tensor batches with task ids.
 
-Training batches (:class:`Collator`) hold the source (instruction, input, answer cue) followed by
-the target and EOS; ``labels`` are -100 on the source and on padding, so the loss covers the target
-and its EOS only. Generation batches (:class:`GenerationCollator`) hold the source alone, left padded,
-for batched greedy decoding.
+:class:`InputFormat` turns a task's instruction and input into the source ids, the one function the
+collator, the trainer's evaluation and the inference engine share. Training batches
+(:class:`Collator`) hold the source (instruction, input, answer cue) followed by the target and EOS;
+``labels`` are -100 on the source and on padding, so the loss covers the target and its EOS only.
 
 Tokenization: the source is ``[special prefix] + tok(instruction + "\\n" + input) + tok("\\nAnswer:")``,
 the target ``tok(" " + target) + [eos]``, each tokenized without special tokens; the special prefix is
 whatever the tokenizer puts before a text (``<|begin_of_text|>`` for Llama 3, nothing for SmolLM2).
-Both collators build the source the same way, so a generation prompt is exactly the training prefix.
+A generation prompt is therefore exactly the training prefix.
 When ``source + target`` exceeds ``max_length``, the instruction/input part is cut from its end (the
 answer cue is kept); a target that alone does not fit is cut and loses its EOS.
 """
@@ -19,28 +19,30 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mptkern.data.schema import ANSWER_CUE, Example
+from mptkern.data.schema import ANSWER_CUE, Example, source_head
 
-__all__ = ["Collator", "GenerationCollator"]
+__all__ = ["Collator", "InputFormat"]
 
 
-class _Base:
-    def __init__(self, tokenizer, task_index: Mapping[str, int], max_length: int, padding_side: str):
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+class InputFormat:
+    """How a task's input becomes token ids: the one function training, evaluation and serving share.
+
+    ``source(instruction, text)`` is ``[special prefix] + tok(instruction + "\\n" + text) +
+    tok("\\nAnswer:")`` (just ``tok(text)`` in the middle when the instruction is empty), the
+    instruction/input part cut from its end to fit ``budget``; ``target(text)`` is
+    ``tok(" " + text) + [eos]``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with ``eos_token_id``.
+    """
+
+    def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: targets must end with EOS")
         self.tokenizer = tokenizer
-        self.task_index = dict(task_index)
-        self.padding_side = padding_side
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.prefix = self._special_prefix(tokenizer)
-        self.cue = self._ids(ANSWER_CUE)
-        if max_length < len(self.prefix) + len(self.cue) + 2:
-            raise ValueError(f"max_length={max_length} leaves no room for any input")
-        self.max_length = max_length
-        self.truncated = 0  # examples cut so far (source or target)
+        self.cue = self.ids(ANSWER_CUE)
 
     @staticmethod
     def _special_prefix(tokenizer) -> list[int]:
@@ -52,8 +54,42 @@ class _Base:
                 return list(full[:i])
         return []
 
-    def _ids(self, text: str) -> list[int]:
+    @property
+    def overhead(self) -> int:
+        """Tokens every source has besides its instruction and input."""
+        return len(self.prefix) + len(self.cue)
+
+    def ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def source(self, instruction: str, text: str, budget: int | None = None) -> tuple[list[int], bool]:
+        """``(ids, cut)``: the source of ``text`` under ``instruction``, at most ``budget`` tokens
+        (None: no limit); ``cut`` tells whether the instruction/input part was shortened."""
+        head = self.ids(source_head(instruction, text))
+        room = None if budget is None else budget - self.overhead
+        cut = room is not None and len(head) > room
+        if cut:
+            head = head[: max(room, 1)]
+        return self.prefix + head + self.cue, cut
+
+    def target(self, text: str) -> list[int]:
+        return self.ids(" " + text) + [self.eos_id]
+
+
+class _Base:
+    def __init__(self, tokenizer, task_index: Mapping[str, int], max_length: int, padding_side: str):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.format = InputFormat(tokenizer)
+        self.tokenizer = tokenizer
+        self.task_index = dict(task_index)
+        self.padding_side = padding_side
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = self.format.eos_id
+        if max_length < self.format.overhead + 2:
+            raise ValueError(f"max_length={max_length} leaves no room for any input")
+        self.max_length = max_length
+        self.truncated = 0  # examples cut so far (source or target)
 
     def _task_id(self, ex: Example) -> int:
         try:
@@ -63,12 +99,9 @@ class _Base:
 
     def _source(self, ex: Example, budget: int) -> list[int]:
         """Source ids (prefix, head cut to fit, cue) of at most ``budget`` tokens."""
-        head = self._ids(f"{ex.instruction}\n{ex.input}" if ex.instruction else ex.input)
-        room = budget - len(self.prefix) - len(self.cue)
-        if len(head) > room:
-            head = head[: max(room, 1)]
-            self.truncated += 1
-        return self.prefix + head + self.cue
+        ids, cut = self.format.source(ex.instruction, ex.input, budget)
+        self.truncated += cut
+        return ids
 
     def _pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
         n = max(len(r) for r in rows)
@@ -103,8 +136,8 @@ class Collator(_Base):
 
     def encode(self, ex: Example) -> tuple[list[int], list[int]]:
         """``(ids, labels)`` of one example, unpadded."""
-        target = self._ids(" " + ex.target) + [self.eos_id]
-        cap = self.max_length - len(self.prefix) - len(self.cue) - 1  # at least one input token stays
+        target = self.format.target(ex.target)
+        cap = self.max_length - self.format.overhead - 1  # at least one input token stays
         if len(target) > cap:
             target = target[:cap]
             self.truncated += 1
@@ -120,31 +153,5 @@ class Collator(_Base):
             "input_ids": self._pad(ids, self.pad_id),
             "attention_mask": self._pad([[1] * len(r) for r in ids], 0),
             "labels": self._pad([lab for _, lab in rows], -100),
-            "task_ids": torch.tensor([self._task_id(ex) for ex in examples], dtype=torch.long),
-        }
-
-
-class GenerationCollator(_Base):
-    """Generation batches: the source only (instruction, input, answer cue), left padded by default so
-    that every row's next token is at the last position.
-
-    Args:
-        max_length: longest source in tokens (the instruction/input part is cut to fit).
-
-    ``collator(examples)`` returns ``input_ids (B, n) int64``, ``attention_mask (B, n) int64`` and
-    ``task_ids (B,) int64``. Generated continuations are the target text with a leading space and an
-    EOS; :func:`mptkern.data.parse_output` tolerates both (strip the EOS when decoding).
-    """
-
-    def __init__(self, tokenizer, task_index: Mapping[str, int], max_length: int = 256, padding_side: str = "left"):
-        super().__init__(tokenizer, task_index, max_length, padding_side)
-
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
-        ids = [self._source(ex, self.max_length) for ex in examples]
-        return {
-            "input_ids": self._pad(ids, self.pad_id),
-            "attention_mask": self._pad([[1] * len(r) for r in ids], 0),
             "task_ids": torch.tensor([self._task_id(ex) for ex in examples], dtype=torch.long),
         }

@@ -124,10 +124,15 @@ class Example:
         return render_source(self.instruction, self.input)
 
 
+def source_head(instruction: str, input_text: str) -> str:
+    """``"<instruction>\\n<input>"``, or just the input when ``instruction`` is empty: the part of
+    the source that may be cut to fit (the answer cue never is)."""
+    return f"{instruction}\n{input_text}" if instruction else input_text
+
+
 def render_source(instruction: str, input_text: str) -> str:
     """``"<instruction>\\n<input>\\nAnswer:"`` (no instruction line when ``instruction`` is empty)."""
-    head = f"{instruction}\n{input_text}" if instruction else input_text
-    return head + ANSWER_CUE
+    return source_head(instruction, input_text) + ANSWER_CUE
 
 
 # ----------------------------------------------------------------------------------------------

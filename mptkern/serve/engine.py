@@ -36,6 +36,8 @@ ATTENTION_NAME = "mptkern_engine"
 @dataclasses.dataclass
 class Request:
     """One generation request. ``task`` names a registered task; give ``text`` or ``input_ids``.
+    ``text`` of a task registered with an instruction is formatted as in training (instruction,
+    input, answer cue: :class:`mptkern.data.InputFormat`) unless ``raw``; ``input_ids`` are used as given.
     ``temperature == 0`` is greedy; otherwise sampling (with ``top_p``) from a ``torch.Generator``
     seeded by ``seed`` (a random seed when None). Generation stops at EOS, at any of ``stop`` (the
     text is cut before it), or after ``max_new_tokens``."""
@@ -48,6 +50,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    raw: bool = False
 
 
 @dataclasses.dataclass
@@ -120,8 +123,10 @@ class MultiTaskEngine:
         model: a ``*ForCausalLM`` whose ``config.model_type`` is in :mod:`mptkern.models.registry`.
         tokenizer: with ``encode(text, add_special_tokens=False)`` and ``decode(ids, skip_special_tokens=True)``.
         prompts: the tasks: a mapping of task name to a one-task prompt module, to ``(module, index)``,
-            or to a PEFT MultitaskPromptTuning adapter directory (one task); or a prompt module with
-            ``task_names`` (every named task is registered).
+            to a PEFT MultitaskPromptTuning adapter directory (one task), or to None (the model as
+            it is, no prompt); or a prompt module with ``task_names`` (every named task is registered).
+        instructions: task name -> instruction; a text request of such a task is formatted as the
+            trainer formats its examples (see :class:`Request`).
         max_batch_tokens: stream rows per step (prefill tokens plus one per decoding request).
         max_running: request slots (requests decoding at once).
         max_seq_len: a request's own tokens (input plus generated) at most: the slab length.
@@ -138,7 +143,7 @@ class MultiTaskEngine:
     """
 
     def __init__(self, model: nn.Module, tokenizer, prompts, *, max_batch_tokens: int = 512, max_running: int = 16,
-                 max_seq_len: int = 1024):
+                 max_seq_len: int = 1024, instructions: Mapping[str, str] | None = None):
         if min(max_batch_tokens, max_running, max_seq_len) < 1:
             raise ValueError("max_batch_tokens, max_running and max_seq_len must be >= 1")
         if max_batch_tokens < max_running:
@@ -161,7 +166,9 @@ class MultiTaskEngine:
         kv_shape = (self.num_layers, max_running, cfg.num_key_value_heads, max_seq_len, head_dim)
         self._slab_k = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self._slab_v = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
-        self._tasks: dict[str, tuple[nn.Module, int]] = {}
+        self._tasks: dict[str, tuple[nn.Module | None, int]] = {}
+        self._instructions: dict[str, str] = {}
+        self._format = None  # an InputFormat, made when the first instruction is registered
         self._prefix_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (layers, l, Hkv, D) each
         self._pool = None  # (pool_k, pool_v, prefix_lens, task -> pool index), rebuilt when tasks change
         self._waiting: deque[_Running] = deque()
@@ -177,6 +184,8 @@ class MultiTaskEngine:
                 self.add_task(name, prompt)
         else:
             raise TypeError(f"prompts must be a mapping of task names or a prompt module with task_names, got {type(prompts).__name__}")
+        for name, instruction in (instructions or {}).items():
+            self.set_instruction(name, instruction)
 
     # -- tasks --------------------------------------------------------------------------------
     @property
@@ -190,13 +199,19 @@ class MultiTaskEngine:
         for i, name in enumerate(names):
             self.add_task(name, (module, i))
 
-    def add_task(self, name: str, prompt) -> None:
-        """Register ``name``: a one-task prompt module, ``(module, index)`` or a PEFT adapter directory.
-        Its prefix K/V is computed on first use."""
+    def add_task(self, name: str, prompt, *, instruction: str | None = None) -> None:
+        """Register ``name``: a one-task prompt module, ``(module, index)``, a PEFT adapter directory
+        or None (no prompt); with ``instruction``, text requests are formatted as in training. A
+        prompt's prefix K/V is computed on first use."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"task name must be a non-empty string, got {name!r}")
         if name in self._tasks:
             raise ValueError(f"task {name!r} is already registered")
+        if prompt is None:
+            self._tasks[name] = (None, 0)
+            if instruction is not None:
+                self.set_instruction(name, instruction)
+            return
         if isinstance(prompt, (str, os.PathLike)):
             prompt = MultitaskPrompt.from_peft(prompt)
         module, index = prompt if isinstance(prompt, tuple) else (prompt, 0)
@@ -209,6 +224,20 @@ class MultiTaskEngine:
         if module.hidden_size != self.model.config.hidden_size:
             raise ValueError(f"task {name!r}: prompt hidden size {module.hidden_size} != model hidden size {self.model.config.hidden_size}")
         self._tasks[name] = (module, index)
+        if instruction is not None:
+            self.set_instruction(name, instruction)
+
+    def set_instruction(self, name: str, instruction: str) -> None:
+        """Format text requests of task ``name`` with ``instruction`` (:class:`mptkern.data.InputFormat`)."""
+        if name not in self._tasks:
+            raise ValueError(f"unknown task {name!r}; tasks are {self.task_names}")
+        if not isinstance(instruction, str):
+            raise TypeError(f"task {name!r}: instruction must be a string, got {type(instruction).__name__}")
+        if self._format is None:
+            from mptkern.data import InputFormat
+
+            self._format = InputFormat(self.tokenizer)
+        self._instructions[name] = instruction
 
     def remove_task(self, name: str) -> None:
         """Unregister ``name`` and free its prefix K/V."""
@@ -218,15 +247,16 @@ class MultiTaskEngine:
         if busy:
             raise ValueError(f"task {name!r} has {busy} requests in flight; cancel or finish them first")
         del self._tasks[name]
+        self._instructions.pop(name, None)
         if self._prefix_kv.pop(name, None) is not None:
             self._pool = None
 
     @torch.no_grad()
     def _ensure_prefix(self, name: str) -> None:
         """Run the decoder body on the task's prompt (positions 0..l-1) and keep every layer's K/V."""
-        if name in self._prefix_kv:
-            return
         module, index = self._tasks[name]
+        if module is None or name in self._prefix_kv:
+            return
         embeds = module(torch.tensor([index], device=module.device))[0].to(self.device, self.dtype)
         l = embeds.shape[0]
         plan = _StepPlan("capture", captured=[None] * self.num_layers)
@@ -235,6 +265,8 @@ class MultiTaskEngine:
         self._pool = None
 
     def _pool_for(self):
+        if self._pool is None and not self._prefix_kv:  # only tasks without a prompt so far
+            self._pool = (None, None, None, {})
         if self._pool is None:
             names = list(self._prefix_kv)
             lens = [self._prefix_kv[n][0].shape[1] for n in names]
@@ -259,7 +291,8 @@ class MultiTaskEngine:
             cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
             return prefix_attention(q, k, v, cu, softmax_scale=scaling, window=window, sinks=sinks)
         pool_k, pool_v, pool_lens, _ = self._pool
-        pool_k, pool_v = pool_k[layer].transpose(1, 2), pool_v[layer].transpose(1, 2)  # (P, L, Hkv, D) views
+        if pool_k is not None:
+            pool_k, pool_v = pool_k[layer].transpose(1, 2), pool_v[layer].transpose(1, 2)  # (P, L, Hkv, D) views
         self._slab_k[layer][plan.write_slot, :, plan.write_pos] = k
         self._slab_v[layer][plan.write_slot, :, plan.write_pos] = v
         slab_k, slab_v = self._slab_k[layer].transpose(1, 2), self._slab_v[layer].transpose(1, 2)  # (slots, S, Hkv, D)
@@ -267,7 +300,8 @@ class MultiTaskEngine:
         parts = []
         if P:
             parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, pool_k, pool_v,
-                                          plan.prefill_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
+                                          plan.prefill_prefix if pool_k is not None else None,
+                                          prefix_lens=pool_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks))
         if q.shape[0] > P:
             # slots up to the highest decoding one run (idle ones on one row, no prefix); keep the decoding rows
@@ -276,7 +310,8 @@ class MultiTaskEngine:
                 plan.decode_q = q.new_zeros(slots, *q.shape[1:])
             plan.decode_q[plan.decode_rows] = q[P:]
             out = prefix_attention_decode(plan.decode_q, slab_k[:slots], slab_v[:slots], plan.cache_lens, pool_k, pool_v,
-                                          plan.slot_prefix, prefix_lens=pool_lens, softmax_scale=scaling,
+                                          plan.slot_prefix if pool_k is not None else None,
+                                          prefix_lens=pool_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks)
             parts.append(out[plan.decode_rows])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -289,7 +324,12 @@ class MultiTaskEngine:
             raise ValueError(f"unknown task {request.task!r}; tasks are {self.task_names}")
         if (request.text is None) == (request.input_ids is None):
             raise ValueError("give exactly one of text and input_ids")
-        if request.text is not None:
+        if not isinstance(request.text, (str, type(None))):
+            raise TypeError(f"text must be a string, got {type(request.text).__name__}")
+        instruction = self._instructions.get(request.task)
+        if request.text is not None and instruction is not None and not request.raw:
+            ids = self._format.source(instruction, request.text)[0]
+        elif request.text is not None:
             ids = list(self.tokenizer.encode(request.text, add_special_tokens=False))
         else:
             ids = [int(t) for t in request.input_ids]
@@ -312,8 +352,9 @@ class MultiTaskEngine:
             raise ValueError(f"input ({len(ids)} tokens) exceeds max_batch_tokens ({self.max_batch_tokens})")
         limit = getattr(self.model.config, "max_position_embeddings", None)
         module, _ = self._tasks[request.task]
-        if limit is not None and module.prompt_len + total > limit:
-            raise ValueError(f"prompt ({module.prompt_len}) + input + max_new_tokens ({total}) "
+        prompt_len = 0 if module is None else module.prompt_len
+        if limit is not None and prompt_len + total > limit:
+            raise ValueError(f"prompt ({prompt_len}) + input + max_new_tokens ({total}) "
                              f"exceeds the model's max_position_embeddings ({limit})")
         gen = None
         if request.temperature > 0:
@@ -373,7 +414,8 @@ class MultiTaskEngine:
         """Host planning of one step: the packed stream's embeddings and positions and the plan."""
         _, _, _, pool_index = self._pool_for()
         dev = self.device
-        prompt_len = {r.task: self._prefix_kv[r.task][0].shape[1] for r in prefill + decode}
+        prompt_len = {r.task: self._prefix_kv[r.task][0].shape[1] if r.task in self._prefix_kv else 0
+                      for r in prefill + decode}
         ids, positions, write_slot, write_pos, seqlens = [], [], [], [], []
         for r in prefill:
             n = len(r.input_ids)
@@ -391,12 +433,12 @@ class MultiTaskEngine:
             write_slot.append(r.slot)
             write_pos.append(r.length)
             cache_lens[r.slot] = r.length + 1
-            slot_prefix[r.slot] = pool_index[r.task]
+            slot_prefix[r.slot] = pool_index.get(r.task, -1)
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         plan = _StepPlan(
             "step", num_prefill=sum(seqlens),
             prefill_cu=F.pad(as_long(seqlens).cumsum(0), (1, 0)).to(torch.int32),
-            prefill_prefix=as_long([pool_index[r.task] for r in prefill]),
+            prefill_prefix=as_long([pool_index.get(r.task, -1) for r in prefill]),
             write_slot=as_long(write_slot), write_pos=as_long(write_pos),
             decode_rows=as_long([r.slot for r in decode]),
             cache_lens=as_long(cache_lens), slot_prefix=as_long(slot_prefix),
@@ -494,10 +536,11 @@ class MultiTaskEngine:
         self._running = running
         return updates
 
-    def generate(self, requests: Sequence[Request]) -> list[Result]:
+    def generate(self, requests: Sequence[Request], *, on_result=None) -> list[Result]:
         """Generate for every request with continuous batching; results in request order, times from
-        the start of the call. Raises ValueError (before any work) for a request the engine cannot run,
-        and RuntimeError if requests from :meth:`submit` are still in flight."""
+        the start of the call. ``on_result(index, result)``, if given, is called as each request
+        finishes (e.g. to move a progress bar). Raises ValueError (before any work) for a request the
+        engine cannot run, and RuntimeError if requests from :meth:`submit` are still in flight."""
         if self._by_id:
             raise RuntimeError(f"generate() needs an idle engine; {len(self._by_id)} submitted requests are in flight")
         prepared = []
@@ -510,8 +553,13 @@ class MultiTaskEngine:
         ids = [self._enqueue(r, False, now) for r in prepared]
         results = {}
         try:
+            position = {rid: i for i, rid in enumerate(ids)}
             while self._by_id:
-                results.update((u.request_id, u.result) for u in self.step() if u.result is not None)
+                for u in self.step():
+                    if u.result is not None:
+                        results[u.request_id] = u.result
+                        if on_result is not None:
+                            on_result(position[u.request_id], u.result)
         finally:
             for rid in ids:  # after an error (or an interrupt) the engine is left idle
                 self.cancel(rid)

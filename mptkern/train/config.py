@@ -34,6 +34,7 @@ class DistillConfig:
     kl_weight: float = 1.0
     hidden_weight: float = 1.0
     min_tasks: int = 2  # tasks per batch drawn uniformly from [min_tasks, K] (stochastic task sampling)
+    teacher_cache: str = "auto"  # auto | memory | disk | off: the teachers' outputs computed once (see train.teacher_cache)
 
 
 @dataclasses.dataclass

@@ -15,26 +15,28 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
-import zlib
 import math
-import random
-import statistics
 import time
+import zlib
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mptkern.data import Collator, GenerationCollator, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
-from mptkern.eval import score
-from mptkern.models import PromptedLM, concat_prompt
+from mptkern.data import Collator, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
+from mptkern.models import PromptedLM
 from mptkern.ops import fused_distill_loss
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.train.checkpoint import load_checkpoint, save_checkpoint
 from mptkern.train.config import StageConfig, TrainConfig
+from mptkern.train.evaluation import EvalRun, evaluate_runs
+from mptkern.train.grid import PROMPT_METHODS, PromptStack, Run, per_run_mean
+from mptkern.train.report import format_results, plot_results, write_results
+from mptkern.train.teacher_cache import build_teacher_cache
+
+
+IDLE_ADAPTER = "idle"  # the shared PeftModel's adapter between LoRA runs (PEFT needs one to exist)
 
 
 def _batches(sampler, steps: int, per_step: int) -> list[list[int]]:
@@ -158,11 +160,18 @@ class MPTTrainer:
         prompt.init_from_text(self.model.get_input_embeddings(), ids, task=index)
 
     # ------------------------------------------------------------------ the loop
-    def _train(self, name: str, module: torch.nn.Module, cfg: StageConfig, step_loss, params=None) -> list[float]:
-        """Run ``cfg.steps`` optimiser steps of ``step_loss(step, micro) -> loss``; resumes from and
-        writes ``<output_dir>/<name>.ckpt``. Returns the per-step losses."""
-        params = [p for p in (params or module.parameters()) if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def _train(self, name: str, module: torch.nn.Module, cfg: StageConfig, step_loss, groups=None) -> list:
+        """Run ``cfg.steps`` optimiser steps of ``step_loss(step, micro) -> (loss, tokens)``; resumes
+        from and writes ``<output_dir>/<name>.ckpt``.
+
+        ``groups``: lists of parameters trained as independent runs (default: one run, the module's
+        trainable parameters). Each run is its own AdamW parameter group with its own gradient
+        clipping; ``loss`` is then ``(runs,)``, each run's own loss, and the sum is minimised. Returns
+        the per-step losses (a float per step, or a list of per-run floats with several groups)."""
+        grid = groups is not None
+        groups = [[p for p in g if p.requires_grad] for g in (groups or [module.parameters()])]
+        params = [p for g in groups for p in g]
+        opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
         ckpt_path, start, losses = self.out / f"{name}.ckpt", 0, []
         state = load_checkpoint(ckpt_path)
@@ -182,18 +191,18 @@ class MPTTrainer:
             if self.world > 1:
                 torch.distributed.barrier()
 
-        # one bar per stage: a stage of one run (teachers, distillation) shows its steps; the target
-        # stage shows its runs and names the current one (self._stage_bar, set by adapt_targets)
+        # one bar per stage: a stage of one run (teachers, distillation) shows its steps; the LoRA
+        # runs of the target stage show on the stage's bar (self._stage_bar, set by adapt_targets)
         stage_bar = self._stage_bar
         bar = None if stage_bar is not None else tqdm(desc=name, unit="step", initial=start, total=cfg.steps,
                                                       disable=self.rank != 0)
         t0, tokens, micros = time.perf_counter(), 0, self._micro(cfg)
         for step in range(start, cfg.steps):
-            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            total = torch.zeros(len(groups), dtype=torch.float64, device=self.device)
             for micro in range(self.rank, micros, self.world):
                 loss, n_tok = step_loss(step, micro)
-                (loss / micros).backward()
-                total += loss.detach().double() / micros
+                (loss.sum() / micros).backward()
+                total += loss.detach().double().reshape(-1) / micros
                 tokens += n_tok
             if self.world > 1:
                 for p in params:
@@ -201,20 +210,25 @@ class MPTTrainer:
                         p.grad = torch.zeros_like(p)
                     torch.distributed.all_reduce(p.grad)
                 torch.distributed.all_reduce(total)
-            total = float(total)
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                for g in groups:
+                    torch.nn.utils.clip_grad_norm_(g, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(total)
+            per_run = total.tolist()
+            losses.append(per_run if grid else per_run[0])
             rate = tokens / (time.perf_counter() - t0)
+            shown = sum(per_run) / len(per_run)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{shown:.3f}", tok_s=f"{rate:.0f}")
             else:
-                stage_bar.set_postfix(run=name, step=f"{step + 1}/{cfg.steps}", loss=f"{total:.3f}")
-            self._log(dict(stage=name, step=step + 1, loss=total, lr=sched.get_last_lr()[0], tokens_per_s=rate))
+                stage_bar.set_postfix(run=name, step=f"{step + 1}/{cfg.steps}", loss=f"{shown:.3f}")
+            record = dict(stage=name, step=step + 1, loss=shown, lr=sched.get_last_lr()[0], tokens_per_s=rate)
+            if grid:
+                record["run_losses"] = per_run
+            self._log(record)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint(step + 1)
         if bar is not None:
@@ -246,7 +260,8 @@ class MPTTrainer:
     def distill(self, teachers: TaskPrompts) -> MultitaskPrompt:
         """The decomposed student, trained on a random subset of source tasks per batch against the
         teachers through the same frozen backbone: CE + T^2 KL + hidden MSE at the target positions,
-        by ``fused_distill_loss`` (no logits tensor)."""
+        by ``fused_distill_loss`` (no logits tensor). The teachers run once, before the first step
+        (``distill_loss.teacher_cache``), unless the cache is ``off``."""
         cfg, loss_cfg, tasks = self.config.distill, self.config.distill_loss, self.sources
         self._seed("distill")
         student = MultitaskPrompt(len(tasks), self.config.prompt_len, self.hidden, rank=self.config.rank,
@@ -260,15 +275,23 @@ class MPTTrainer:
         sampler = TaskSubsetSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed + 1, min_tasks=loss_cfg.min_tasks)
         batches = _batches(sampler, cfg.steps, self._micro(cfg))
         head = self.model.lm_head.weight
+        cache, done = None, load_checkpoint(self.out / "distill.ckpt")
+        if done is None or done["step"] < cfg.steps:
+            cache = build_teacher_cache(t_lm, collate, examples, device=self.device, mode=loss_cfg.teacher_cache,
+                                        folder=self.out / "teacher_cache", disable_bar=self.rank != 0)
 
         def step_loss(step, micro):
-            b = self._batch(collate, examples, batches[step * self._micro(cfg) + micro])
+            indices = batches[step * self._micro(cfg) + micro]
+            b = self._batch(collate, examples, indices)
             args = (b["input_ids"], b["attention_mask"], b["task_ids"])
-            with torch.no_grad():
-                t_out = t_lm(*args, return_logits=False)
-            s_out = s_lm(*args, return_logits=False)
             valid = b["labels"] != -100
-            h_s, h_t, labels = s_out.predictor_hidden[valid], t_out.predictor_hidden[valid], b["labels"][valid]
+            if cache is None:
+                with torch.no_grad():
+                    h_t = t_lm(*args, return_logits=False).predictor_hidden[valid]
+            else:
+                h_t = cache.rows(indices)
+            s_out = s_lm(*args, return_logits=False)
+            h_s, labels = s_out.predictor_hidden[valid], b["labels"][valid]
             weights = dict(temperature=loss_cfg.temperature, kl_weight=loss_cfg.kl_weight,
                            ce_weight=loss_cfg.ce_weight, hidden_weight=loss_cfg.hidden_weight)
             loss = (fused_distill_loss(h_s, h_t, head, labels, **weights) if self.config.fused
@@ -279,102 +302,157 @@ class MPTTrainer:
         return student
 
     # ------------------------------------------------------------------ stage 3
-    def _fit(self, name: str, module, task, train, *, lora_model=None) -> None:
-        """Train ``module`` (a prompt, or the LoRA-wrapped model) on the k examples ``train``."""
+    def target_runs(self) -> list[Run]:
+        """The grid: every target x k x seed (one seed for k = 0, where nothing is drawn) x method."""
+        cfg = self.config.target_init
+        return [Run(task, k, seed, method) for task in self.targets for k in cfg.shots
+                for seed in (cfg.seeds if k else cfg.seeds[:1]) for method in ["mpt", *self.config.baselines]]
+
+    def target_prompt(self, run: Run, student: MultitaskPrompt):
+        """The run's one-task prompt before training: MPT from the student (``target_init.init``),
+        prompt tuning from the embeddings of the task's instruction. Seeded by the run's name."""
+        self._seed(run.name)
+        if run.method == "mpt":
+            return MultitaskPrompt.from_source(student, self.config.target_init.init, num_tasks=1,
+                                               task_names=[run.task.name])
+        prompt = TaskPrompts(1, self.config.prompt_len, self.hidden, task_names=[run.task.name])
+        self._text_init(prompt, run.task, 0)
+        return prompt.to(self.device, self.dtype)
+
+    def train_prompt_grid(self, runs: list[Run], prompts: list, name: str = "targets-grid") -> PromptStack:
+        """Train the prompts of ``runs`` (one per run, e.g. from :meth:`target_prompt`) together: each
+        step packs every run's micro-batch into one ``PromptedLM`` call, each run's prompt computed
+        once; the loss is the sum of each run's mean loss, with per-run clipping and schedule, so
+        every run follows its solo trajectory. Checkpointed as ``<name>.ckpt``; returns the stack."""
         cfg = self.config.target
-        collate = self._collator([task])
-        lm = None if lora_model is not None else self._lm(module)
+        stack = PromptStack(prompts, task_names=[r.name for r in runs])
+        if not runs:
+            return stack
+        collate = self._collator(list({r.task.name: r.task for r in runs}.values()))
+        lm = self._lm(stack)
+        head = self.model.lm_head.weight
 
         def step_loss(step, micro):
-            rng = random.Random(f"{name}-{step}-{micro}")
-            b = self._batch(collate, [rng.choice(train) for _ in range(min(cfg.batch_size, len(train)))])
-            if lora_model is not None:
-                loss = lora_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-            else:
-                loss = lm(b["input_ids"], b["attention_mask"], b["task_ids"], b["labels"], return_logits=False).loss
-            return loss, int(b["attention_mask"].sum())
+            chosen = [(slot, ex) for slot, r in enumerate(runs) for ex in r.batch(step, micro, cfg.batch_size)]
+            b = self._batch(collate, [ex for _, ex in chosen])
+            slots = torch.tensor([slot for slot, _ in chosen], device=self.device)
+            out = lm(b["input_ids"], b["attention_mask"], slots, return_logits=False)
+            labels = b["labels"].masked_fill(b["attention_mask"] == 0, -100).reshape(-1)
+            h = out.predictor_hidden.reshape(-1, out.predictor_hidden.shape[-1])
+            token_loss = fused_distill_loss(h, h.detach(), head, labels, kl_weight=0.0, ce_weight=1.0, reduction="none")
+            token_run = torch.where(labels != -100, slots.repeat_interleave(b["input_ids"].shape[1]), -1)
+            return per_run_mean(token_loss, token_run, len(runs)), int(b["attention_mask"].sum())
 
-        self._train(name, module, cfg, step_loss)
+        self._train(name, stack, cfg, step_loss, groups=[list(p.parameters()) for p in prompts])
+        return stack
 
-    @torch.no_grad()
-    def evaluate(self, prompt, task, *, model=None) -> dict:
-        """Batched greedy generation on ``task.eval``, parsed and scored with the task's metric.
-        ``prompt``: a one-task prompt module (prepended to every row) or None (``model`` as is)."""
-        model = model if model is not None else self.model
-        tok = self.tokenizer
-        gen = GenerationCollator(tok, {task.name: 0}, max_length=256)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        texts = []
-        for i in range(0, len(task.eval), self.config.eval_batch_size):
-            b = self._batch(gen, task.eval[i : i + self.config.eval_batch_size])
-            kwargs = dict(max_new_tokens=self.config.max_new_tokens, do_sample=False, pad_token_id=pad,
-                          eos_token_id=tok.eos_token_id)
-            if prompt is None:
-                out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **kwargs)
-                out = out[:, b["input_ids"].shape[1]:]
-            else:
-                # PEFT's layout: prompt rows first, then the left-padded input; positions follow the mask
-                embeds, mask = concat_prompt(prompt(b["task_ids"]), model.get_input_embeddings()(b["input_ids"]),
-                                             b["attention_mask"])
-                out = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-            texts += tok.batch_decode(out, skip_special_tokens=True)
-        return score(task, texts, task.eval)
+    def _lora_params(self, peft_model, adapter: str) -> list[torch.nn.Parameter]:
+        """Make ``adapter``'s LoRA matrices the only trainable parameters and return them."""
+        mine = []
+        for n, p in peft_model.named_parameters():
+            p.requires_grad_(f".{adapter}." in n and "lora_" in n)
+            if p.requires_grad:
+                mine.append(p)
+        return mine
+
+    def train_lora(self, run: Run, peft_model) -> dict:
+        """Train a LoRA adapter named after ``run`` on the shared ``peft_model`` (no copy of the frozen
+        weights), score it through the engine, save it, and remove it. Returns the result row."""
+        cfg = self.config.target
+        self._seed(run.name)
+        peft_model.add_adapter(run.name, self._lora_config())
+        peft_model.set_adapter(run.name)
+        try:
+            params = self._lora_params(peft_model, run.name)
+            collate = self._collator([run.task])
+
+            def step_loss(step, micro):
+                b = self._batch(collate, run.batch(step, micro, cfg.batch_size))
+                loss = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+                return loss, int(b["attention_mask"].sum())
+
+            self._train(run.name, peft_model, cfg, step_loss)
+            peft_model.eval()
+            # evaluated with the adapter active but not merged: merging into the frozen weights and
+            # unmerging after would leave rounding residue in them after every run
+            res = evaluate_runs(peft_model.get_base_model(), self.tokenizer, [EvalRun(run.name, run.task, None)],
+                                max_new_tokens=self.config.max_new_tokens, progress=False)[run.name]
+            if self.rank == 0:
+                peft_model.save_pretrained(self.out / "adapters", selected_adapters=[run.name])
+            return self._row(run, sum(p.numel() for p in params), res)
+        finally:
+            peft_model.set_adapter(IDLE_ADAPTER)
+            peft_model.delete_adapter(run.name)
+
+    @staticmethod
+    def _lora_config():
+        from peft import LoraConfig
+
+        return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+    def _lora_size(self) -> int:
+        """Trainable parameters of one LoRA adapter: r (in + out) per adapted projection."""
+        cfg = self._lora_config()
+        return sum(cfg.r * (m.in_features + m.out_features) for n, m in self.model.named_modules()
+                   if n.rsplit(".", 1)[-1] in cfg.target_modules and hasattr(m, "in_features"))
+
+    @staticmethod
+    def _row(run: Run, params: int, res: dict) -> dict:
+        return dict(task=run.task.name, method=run.method, k=run.k, seed=run.seed, params=params,
+                    metric=res["metric"], score=res["score"])
 
     def adapt_targets(self, student: MultitaskPrompt) -> list[dict]:
         """Each held-out target, k-shot for every k and seed: MPT initialised from the student, and the
-        baselines (single-task prompt tuning from the instruction's embeddings; LoRA via peft)."""
-        cfg, results = self.config.target_init, []
-        runs = [(task, k, seed, method) for task in self.targets for k in cfg.shots
-                for seed in (cfg.seeds if k else cfg.seeds[:1]) for method in ["mpt", *self.config.baselines]]
-        self._stage_bar = tqdm(total=len(runs), desc="targets", unit="run", disable=self.rank != 0)
-        try:
-            for task, k, seed, method in runs:
-                self._stage_bar.set_postfix(run=f"{task.name}-k{k}-s{seed}-{method}")
-                train = random.Random(f"{seed}-{task.name}").sample(task.train, k)
-                res = self._adapt_one(method, student, task, train, k, seed)
-                results.append(res)
-                self._log(dict(stage="target", **res))
-                self._stage_bar.update(1)
-        finally:
-            self._stage_bar.close()
-            self._stage_bar = None
+        baselines (single-task prompt tuning from the instruction's embeddings; LoRA via peft).
+
+        Every prompt run trains in one batched stream (:meth:`train_prompt_grid`); the prompt runs and
+        the k = 0 LoRA runs (the model as it is) are scored in one engine ``generate`` call; each
+        k > 0 LoRA run trains and is scored on one shared PEFT model. Every trained MPT prompt is
+        exported as a PEFT adapter under ``<output_dir>/adapters/``."""
+        runs = self.target_runs()
+        prompt_runs = [r for r in runs if r.method in PROMPT_METHODS]
+        prompts = {r.name: self.target_prompt(r, student) for r in prompt_runs}
+        trained = [r for r in prompt_runs if r.k]
+        self.train_prompt_grid(trained, [prompts[r.name] for r in trained])
+        lora_runs = [r for r in runs if r.method == "lora"]
+        evals = [EvalRun(r.name, r.task, prompts[r.name]) for r in prompt_runs]
+        evals += [EvalRun(r.name, r.task, None) for r in lora_runs if not r.k]
+        scores = evaluate_runs(self.model, self.tokenizer, evals, max_new_tokens=self.config.max_new_tokens)
+        rows = {r.name: self._row(r, sum(p.numel() for p in prompts[r.name].parameters()), scores[r.name])
+                for r in prompt_runs}
+        rows.update((r.name, self._row(r, self._lora_size(), scores[r.name])) for r in lora_runs if not r.k)
+        if self.rank == 0:
+            for r in trained:
+                if r.method == "mpt":
+                    prompts[r.name].to_peft(self.out / "adapters" / r.name)
+        trained_lora = [r for r in lora_runs if r.k]
+        if trained_lora:
+            from peft import get_peft_model
+
+            # one PeftModel for every LoRA run: each run adds its adapter and deletes it after
+            self._seed("lora-base")
+            peft_model = get_peft_model(self.model, self._lora_config(), adapter_name=IDLE_ADAPTER)
+            self._stage_bar = tqdm(total=len(trained_lora), desc="lora runs", unit="run", disable=self.rank != 0)
+            try:
+                for r in trained_lora:
+                    rows[r.name] = self.train_lora(r, peft_model)
+                    self._stage_bar.update(1)
+            finally:
+                self._stage_bar.close()
+                self._stage_bar = None
+                peft_model.unload()  # the backbone as it was: LoRA layers out, weights untouched
+                self.model.requires_grad_(False).eval()
+        results = [rows[r.name] for r in runs]
+        for res in results:
+            self._log(dict(stage="target", **res))
         return results
-
-    def _adapt_one(self, method, student, task, train, k, seed) -> dict:
-        name = f"target-{task.name}-k{k}-s{seed}-{method}"
-        self._seed(name)
-        if method == "mpt":
-            prompt = MultitaskPrompt.from_source(student, self.config.target_init.init, num_tasks=1, task_names=[task.name])
-            params = sum(p.numel() for p in prompt.parameters())
-            if k:
-                self._fit(name, prompt, task, train)
-            res = self.evaluate(prompt, task)
-        elif method == "prompt_tuning":
-            prompt = TaskPrompts(1, self.config.prompt_len, self.hidden, task_names=[task.name])
-            self._text_init(prompt, task, 0)
-            prompt.to(self.device, self.dtype)
-            params = sum(p.numel() for p in prompt.parameters())
-            if k:
-                self._fit(name, prompt, task, train)
-            res = self.evaluate(prompt, task)
-        elif method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            lora = get_peft_model(copy.deepcopy(self.model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                                        target_modules=["q_proj", "v_proj"]))
-            params = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-            if k:
-                self._fit(name, lora, task, train, lora_model=lora)
-            res = self.evaluate(None, task, model=lora)
-        else:
-            raise ValueError(f"unknown method {method!r}; methods: mpt, prompt_tuning, lora")
-        return dict(task=task.name, method=method, k=k, seed=seed, params=params, metric=res["metric"], score=res["score"])
 
     # ------------------------------------------------------------------ all
     def run(self) -> list[dict]:
-        """Teachers -> distillation -> targets; exports the student as a PEFT adapter; returns the
-        per-(target, method, k, seed) results (also written to ``results.json`` and ``results.csv``);
-        ``stage_seconds`` holds each stage's wall time."""
+        """Teachers -> distillation -> targets; exports the student and every trained MPT target prompt
+        as PEFT adapters; returns the per-(target, method, k, seed) results, also written to
+        ``results.json``, ``results.csv`` and plotted in ``results.png``; ``stage_seconds`` holds each
+        stage's wall time."""
         timed = self.stage_seconds = {}
         t0 = time.perf_counter()
         teachers = self.train_teachers()
@@ -386,23 +464,8 @@ class MPTTrainer:
         results = self.adapt_targets(student)
         timed["targets"] = time.perf_counter() - t0
         if self.rank == 0:
-            (self.out / "results.json").write_text(json.dumps(results, indent=1))
-            with open(self.out / "results.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(results[0]) if results else ["task"])
-                writer.writeheader()
-                writer.writerows(results)
+            write_results(results, self.out)
+            plot_results(results, self.out / "results.png", title=f"{type(self.model).__name__}, k-shot targets")
         return results
 
-    @staticmethod
-    def format_results(results: list[dict]) -> str:
-        """A table: per target and k, each method's mean score (and spread over seeds) and parameters."""
-        groups: dict[tuple, list[dict]] = {}
-        for r in results:
-            groups.setdefault((r["task"], r["k"], r["method"]), []).append(r)
-        lines = [f"{'target':<20} {'k':>3} {'method':<14} {'metric':<9} {'score':>14} {'trainable':>10}"]
-        for (task, k, method), rs in groups.items():
-            vals = [r["score"] for r in rs]
-            spread = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
-            lines.append(f"{task:<20} {k:>3} {method:<14} {rs[0]['metric']:<9} {statistics.mean(vals):>7.3f}{spread:<7} "
-                         f"{rs[0]['params']:>10,}")
-        return "\n".join(lines)
+    format_results = staticmethod(format_results)

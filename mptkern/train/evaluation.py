@@ -1,0 +1,85 @@
+"""Evaluation of trained runs by the project's one generation path, :class:`MultiTaskEngine`.
+
+Each run is a task of one engine (its prompt, or no prompt for a model evaluated as it is, e.g. with
+a LoRA adapter). Every eval input is formatted by :class:`mptkern.data.InputFormat`, the function the
+training collator uses, so a run is evaluated on exactly the source it was trained to continue. All requests of all runs go into one ``generate`` call:
+prompts' K/V are computed once per run, and requests of every run share the engine's batches.
+Under torchrun each rank generates its share of the requests and the texts are gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mptkern.data import InputFormat, Task
+from mptkern.eval import score
+from mptkern.serve.engine import MultiTaskEngine, Request
+
+MAX_RUNNING = 64  # requests decoding at once; bounds the engine's K/V slabs
+
+
+@dataclasses.dataclass
+class EvalRun:
+    """One thing to score: ``prompt`` (a one-task module, ``(module, index)``, or None) on ``task.eval``."""
+
+    name: str
+    task: Task
+    prompt: nn.Module | tuple[nn.Module, int] | None
+
+
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_tokens: int,
+                  max_length: int = 256, progress: bool = True) -> dict[str, dict]:
+    """Greedy generation for every eval example of every run, parsed and scored with the task's
+    metric. Returns ``{run name: score dict}``: :func:`mptkern.eval.score`'s fields (``metric``,
+    ``score``, ``n``, ...) and ``texts``, the generated texts in ``task.eval`` order.
+
+    Args:
+        model: the frozen ``*ForCausalLM`` (for LoRA, the adapted model).
+        runs: the runs; names must be unique.
+        max_new_tokens: longest continuation; generation stops at EOS first.
+        max_length: longest formatted input in tokens (the instruction/input part is cut to fit, as
+            the training collator cuts it).
+        progress: show a bar over the requests (rank 0 only).
+    """
+    if not runs:
+        return {}
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError("evaluation run names must be unique")
+    if any(not r.task.eval for r in runs):
+        raise ValueError(f"runs without eval examples: {[r.name for r in runs if not r.task.eval]}")
+    fmt = InputFormat(tokenizer)
+    items = [(r, ex, fmt.source(ex.instruction, ex.input, max_length)[0]) for r in runs for ex in r.task.eval]
+    rank, world = _world()
+    mine = items[rank::world]
+    longest = max((len(ids) for _, _, ids in items), default=1)
+    engine = MultiTaskEngine(model, tokenizer, {r.name: r.prompt for r in runs},
+                             max_running=max(1, min(MAX_RUNNING, len(mine))),
+                             max_batch_tokens=max(512, longest, min(MAX_RUNNING, len(mine))),
+                             max_seq_len=longest + max_new_tokens)
+    with tqdm(total=len(mine), desc="evaluation", unit="req", disable=rank != 0 or not progress) as bar:
+        results = engine.generate([Request(task=r.name, input_ids=ids, max_new_tokens=max_new_tokens)
+                                   for r, _, ids in mine], on_result=lambda i, res: bar.update(1)) if mine else []
+    texts = [res.text for res in results]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, texts)
+        texts = [None] * len(items)
+        for k, part in enumerate(gathered):
+            texts[k::world] = part
+    by_run: dict[str, list[str]] = {}
+    for (r, _, _), text in zip(items, texts):
+        by_run.setdefault(r.name, []).append(text)
+    return {r.name: {**score(r.task, by_run[r.name], r.task.eval), "texts": by_run[r.name]} for r in runs}
