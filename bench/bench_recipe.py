@@ -62,17 +62,20 @@ def hf_texts(model, tokenizer, prompt, task, *, max_new_tokens: int, batch_size:
 
 def old_way_trainer():
     """``MPTTrainer`` with the target stage of before: runs one by one, deepcopied LoRA, HF generate."""
+    from mptkern.data import InputFormat
     from mptkern.eval import score
     from mptkern.train import MPTTrainer
+    from mptkern.train.evaluation import generation_budget
     from mptkern.train.grid import PROMPT_METHODS
 
     class OldWay(MPTTrainer):
         def adapt_targets(self, student):
             from peft import get_peft_model
 
-            cfg, results = self.config.target, []
-            kw = dict(max_new_tokens=self.config.max_new_tokens, batch_size=self.config.eval_batch_size)
+            cfg, results, fmt = self.config.target, [], InputFormat(self.tokenizer)
             for run in self.target_runs():
+                kw = dict(max_new_tokens=generation_budget(fmt, run.task, self.config.max_new_tokens),
+                          batch_size=self.config.eval_batch_size)
                 if run.method in PROMPT_METHODS:
                     prompt = self.target_prompt(run, student)
                     if run.k:

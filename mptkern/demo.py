@@ -26,11 +26,11 @@ def demo_config(output_dir: str = "runs/demo", device: str = "auto") -> TrainCon
                            target=StageConfig(steps=60, batch_size=8, warmup_steps=5),
                            target_init=TargetConfig(shots=[0, 5, 20], seeds=[0, 1, 2]))
     return TrainConfig(output_dir=output_dir, device=device, prompt_len=8, max_new_tokens=48, eval_batch_size=8,
-                       data=DataConfig(n_train=32, n_eval=8),
+                       data=DataConfig(n_train=32, n_eval=64),
                        teachers=StageConfig(steps=30, batch_size=8, lr=3e-2, warmup_steps=3),
                        distill=StageConfig(steps=30, batch_size=8, lr=3e-2, warmup_steps=3),
-                       target=StageConfig(steps=15, batch_size=4, lr=3e-2, warmup_steps=2),
-                       target_init=TargetConfig(shots=[0, 8], seeds=[0]))
+                       target=StageConfig(steps=8, batch_size=2, lr=3e-2, warmup_steps=1),
+                       target_init=TargetConfig(shots=[0, 8], seeds=[0, 1, 2]))
 
 
 def run(config: TrainConfig) -> str:

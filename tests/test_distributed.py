@@ -6,7 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mptkern.prompts import TaskPrompts
 from mptkern.train import DataConfig, MPTTrainer, StageConfig, TargetConfig, TrainConfig
+from mptkern.train.evaluation import EvalRun, evaluate_runs
 from tests.tiny_models import small_smollm
 
 
@@ -16,6 +18,10 @@ def _config(out, grad_accum):
                        distill=stage, target=stage, target_init=TargetConfig(shots=[2], seeds=[0]))
 
 
+def _eval_runs(trainer, teachers):
+    return [EvalRun(t.name, t, (teachers, i)) for i, t in enumerate(trainer.sources[:3])]
+
+
 def _worker(rank, world, port, out, cache):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -23,7 +29,10 @@ def _worker(rank, world, port, out, cache):
         model, tok = small_smollm(cache)
         trainer = MPTTrainer(_config(out, grad_accum=1), model=model, tokenizer=tok)
         assert trainer.world == 2 and trainer.rank == rank
-        torch.save(trainer.train_teachers().prompts.detach(), f"{out}/rank{rank}.pt")
+        teachers = trainer.train_teachers()
+        torch.save(teachers.prompts.detach(), f"{out}/rank{rank}.pt")
+        scores = evaluate_runs(trainer.model, tok, _eval_runs(trainer, teachers), max_new_tokens=4, progress=False)
+        torch.save({name: res["texts"] for name, res in scores.items()}, f"{out}/eval{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -48,3 +57,11 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tmp_path):
     assert far(half, single) > 0.1  # half the data per step: the criterion above tells it apart
     log = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3  # rank 0 logs, rank 1 does not
+    # evaluation: each rank generated half of the requests; both hold every text, as one process would
+    e0, e1 = (torch.load(tmp_path / "ddp" / f"eval{r}.pt") for r in (0, 1))
+    tr = MPTTrainer(_config(tmp_path / "eval", grad_accum=1), *small_smollm(cache))
+    teachers = TaskPrompts(len(tr.sources), 4, tr.hidden, task_names=[t.name for t in tr.sources])
+    with torch.no_grad():
+        teachers.prompts.copy_(r0)
+    alone = evaluate_runs(tr.model, tr.tokenizer, _eval_runs(tr, teachers), max_new_tokens=4, progress=False)
+    assert e0 == e1 == {name: res["texts"] for name, res in alone.items()}

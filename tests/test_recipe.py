@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mptkern.data import make_suite
+from mptkern.data import InputFormat, make_suite
 from mptkern.eval import score
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.train import DataConfig, MPTTrainer, StageConfig, TargetConfig, TrainConfig, load_checkpoint
-from mptkern.train.evaluation import EvalRun, evaluate_runs
+from mptkern.train.evaluation import EvalRun, evaluate_runs, generation_budget
 from mptkern.train.grid import PROMPT_METHODS, PromptStack, Run, per_run_mean
 from tests import tiny_models
 from tests.test_data import word_tokenizer
@@ -128,7 +128,8 @@ def test_engine_evaluation_equals_the_hf_generate_path(make, monkeypatch):
     for run in runs:
         # gpt-oss one request per batch: HF's sliding window counts left-padding columns between the
         # prompt and the input, so padded HF batches see fewer prompt rows than the model would alone
-        texts = hf_texts(model, tok, run.prompt, run.task, max_new_tokens=6, batch_size=1 if sliding else 3)
+        budget = generation_budget(InputFormat(tok), run.task, 6)
+        texts = hf_texts(model, tok, run.prompt, run.task, max_new_tokens=budget, batch_size=1 if sliding else 3)
         assert got[run.name]["texts"] == texts, run.name
         assert got[run.name]["score"] == score(run.task, texts, run.task.eval)["score"]
     assert any(t.strip() for r in runs for t in got[r.name]["texts"])  # not all empty
@@ -143,3 +144,33 @@ def test_run_validation():
     run = Run(task, 2, 0, "mpt")
     assert run.batch(0, 0, 8) == run.batch(0, 0, 8) and len(run.batch(0, 0, 8)) == 2
     assert run.train_examples() == Run(task, 2, 0, "lora").train_examples()  # the same k examples per method
+
+
+def test_a_crashed_grid_resumes_where_it_stopped(tmp_path, small_backbone, monkeypatch):
+    def grid(out):
+        tr = _trainer(out, small_backbone)
+        tr.targets = tr.targets[:1]
+        student = _student(tr)
+        runs = [r for r in tr.target_runs() if r.method in PROMPT_METHODS and r.k]
+        return tr.train_prompt_grid(runs, [tr.target_prompt(r, student) for r in runs])
+
+    full = grid(tmp_path / "full")
+
+    class Crash(Exception):
+        pass
+
+    real_log = MPTTrainer._log
+
+    def crash_at_step_3(self, record):  # after step 3's update, before its checkpoint (every 2)
+        real_log(self, record)
+        if record.get("stage") == "targets-grid" and record["step"] == 3:
+            raise Crash
+
+    monkeypatch.setattr(MPTTrainer, "_log", crash_at_step_3)
+    with pytest.raises(Crash):
+        grid(tmp_path / "cut")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "targets-grid.ckpt")["step"] == 2
+    resumed = grid(tmp_path / "cut")
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

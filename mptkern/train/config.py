@@ -63,7 +63,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     output_dir: str = "runs/mpt"
     max_new_tokens: int = 32
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # HF-generate batch of bench/bench_recipe.py's old-way baseline; the engine batches by itself
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teachers: StageConfig = dataclasses.field(default_factory=StageConfig)
     distill: StageConfig = dataclasses.field(default_factory=StageConfig)

@@ -31,6 +31,16 @@ class EvalRun:
     prompt: nn.Module | tuple[nn.Module, int] | None
 
 
+def generation_budget(fmt: InputFormat, task: Task, max_new_tokens: int) -> int:
+    """Tokens to generate for ``task``: its longest training target (EOS included) plus 4, at most
+    ``max_new_tokens`` (all of it when the task has no training examples). A yes/no task stops
+    after a few tokens instead of running on to ``max_new_tokens`` when a prompt does not end its
+    answer with EOS; gold eval targets are not looked at."""
+    if not task.train:
+        return max_new_tokens
+    return min(max_new_tokens, max(len(fmt.target(ex.target)) for ex in task.train) + 4)
+
+
 def _world() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -48,7 +58,8 @@ def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_t
     Args:
         model: the frozen ``*ForCausalLM`` (for LoRA, the adapted model).
         runs: the runs; names must be unique.
-        max_new_tokens: longest continuation; generation stops at EOS first.
+        max_new_tokens: longest continuation (per task: :func:`generation_budget`); generation
+            stops at EOS first.
         max_length: longest formatted input in tokens (the instruction/input part is cut to fit, as
             the training collator cuts it).
         progress: show a bar over the requests (rank 0 only).
@@ -61,6 +72,7 @@ def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_t
     if any(not r.task.eval for r in runs):
         raise ValueError(f"runs without eval examples: {[r.name for r in runs if not r.task.eval]}")
     fmt = InputFormat(tokenizer)
+    budget = {r.task.name: generation_budget(fmt, r.task, max_new_tokens) for r in runs}
     items = [(r, ex, fmt.source(ex.instruction, ex.input, max_length)[0]) for r in runs for ex in r.task.eval]
     rank, world = _world()
     mine = items[rank::world]
@@ -68,9 +80,9 @@ def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_t
     engine = MultiTaskEngine(model, tokenizer, {r.name: r.prompt for r in runs},
                              max_running=max(1, min(MAX_RUNNING, len(mine))),
                              max_batch_tokens=max(512, longest, min(MAX_RUNNING, len(mine))),
-                             max_seq_len=longest + max_new_tokens)
+                             max_seq_len=longest + max(budget.values()))
     with tqdm(total=len(mine), desc="evaluation", unit="req", disable=rank != 0 or not progress) as bar:
-        results = engine.generate([Request(task=r.name, input_ids=ids, max_new_tokens=max_new_tokens)
+        results = engine.generate([Request(task=r.name, input_ids=ids, max_new_tokens=budget[r.task.name])
                                    for r, _, ids in mine], on_result=lambda i, res: bar.update(1)) if mine else []
     texts = [res.text for res in results]
     if world > 1:

@@ -39,8 +39,8 @@ class TeacherCache:
     on ``device``: example ``indices[0]``'s label positions in order, then ``indices[1]``'s, ...,
     the order in which ``predictor_hidden[labels != -100]`` lists a batch of those examples."""
 
-    def __init__(self, device: torch.device, memory: list[torch.Tensor] | None = None,
-                 shards: list[Path] | None = None, shard_of: list[int] | None = None):
+    def __init__(self, device: torch.device, memory: dict[int, torch.Tensor] | None = None,
+                 shards: list[Path] | None = None, shard_of: dict[int, int] | None = None):
         self.device = device
         self._memory, self._shards, self._shard_of = memory, shards, shard_of
         self.mode = "memory" if memory is not None else "disk"
@@ -49,6 +49,9 @@ class TeacherCache:
         return len(self._memory) if self._memory is not None else len(self._shard_of)
 
     def rows(self, indices) -> torch.Tensor:
+        missing = [i for i in indices if i not in (self._memory if self._memory is not None else self._shard_of)]
+        if missing:
+            raise KeyError(f"examples {missing[:5]} were not cached")
         if self._memory is not None:
             return torch.cat([self._memory[i] for i in indices])
         from safetensors import safe_open
@@ -64,21 +67,24 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher_lm, collate, examples, *, device: torch.device, mode: str = "auto",
+def build_teacher_cache(teacher_lm, collate, examples, indices=None, *, device: torch.device, mode: str = "auto",
                         folder: str | os.PathLike | None = None, batch_size: int = 32,
                         disable_bar: bool = False) -> TeacherCache | None:
-    """Run ``teacher_lm`` (a ``PromptedLM`` over the teacher prompts) once over ``examples`` in
-    no-grad batches of ``batch_size``; returns the cache, or None for ``mode="off"``. ``collate``:
-    the distillation stage's :class:`mptkern.data.Collator`; ``folder``: where ``disk`` writes its
-    shards (required for ``disk`` and ``auto``)."""
+    """Run ``teacher_lm`` (a ``PromptedLM`` over the teacher prompts) once over ``examples[i]`` for
+    each ``i`` in ``indices`` (default: all; the stage passes the examples its batches use, so the
+    cache never costs more teacher passes than recomputing) in no-grad batches of ``batch_size``;
+    returns the cache keyed by example index, or None for ``mode="off"``. ``collate``: the
+    distillation stage's :class:`mptkern.data.Collator`; ``folder``: where ``disk`` writes its shards
+    (required for ``disk`` and ``auto``)."""
     if mode not in MODES:
         raise ValueError(f"teacher_cache must be one of {MODES}, got {mode!r}")
     if mode == "off":
         return None
-    if not examples:
+    indices = sorted(set(range(len(examples)) if indices is None else indices))
+    if not indices:
         raise ValueError("no source examples to cache")
     if mode == "auto":
-        labels = sum(int((collate([ex])["labels"] != -100).sum()) for ex in examples)
+        labels = sum(int((collate([examples[i]])["labels"] != -100).sum()) for i in indices)
         param = next(teacher_lm.prompt.parameters())
         need = labels * param.shape[-1] * param.element_size()
         mode = "memory" if need <= _free_bytes(device) // 4 else "disk"
@@ -88,7 +94,7 @@ def build_teacher_cache(teacher_lm, collate, examples, *, device: torch.device, 
         folder = Path(folder)
         shutil.rmtree(folder, ignore_errors=True)  # a cache belongs to one run of the stage
         folder.mkdir(parents=True)
-    memory, shards, shard_of, pending, pending_bytes = [], [], [], {}, 0
+    memory, shards, shard_of, pending, pending_bytes = {}, [], {}, {}, 0
 
     def flush():
         nonlocal pending, pending_bytes
@@ -101,19 +107,19 @@ def build_teacher_cache(teacher_lm, collate, examples, *, device: torch.device, 
         shards.append(path)
         pending, pending_bytes = {}, 0
 
-    for start in tqdm(range(0, len(examples), batch_size), desc="teacher cache", unit="batch", disable=disable_bar):
-        chunk = examples[start : start + batch_size]
-        b = {k: v.to(device) for k, v in collate(chunk).items()}
+    for start in tqdm(range(0, len(indices), batch_size), desc="teacher cache", unit="batch", disable=disable_bar):
+        chunk = indices[start : start + batch_size]
+        b = {k: v.to(device) for k, v in collate([examples[i] for i in chunk]).items()}
         out = teacher_lm(b["input_ids"], b["attention_mask"], b["task_ids"], return_logits=False)
         valid = b["labels"] != -100
-        for row in range(len(chunk)):
+        for row, i in enumerate(chunk):
             h = out.predictor_hidden[row][valid[row]]
             if mode == "memory":
-                memory.append(h.clone())
+                memory[i] = h.clone()
                 continue
-            pending[str(start + row)] = h.to("cpu").contiguous()
+            pending[str(i)] = h.to("cpu").contiguous()
             pending_bytes += h.numel() * h.element_size()
-            shard_of.append(len(shards))
+            shard_of[i] = len(shards)
             if pending_bytes >= SHARD_BYTES:
                 flush()
     if mode == "memory":

@@ -277,7 +277,8 @@ class MPTTrainer:
         head = self.model.lm_head.weight
         cache, done = None, load_checkpoint(self.out / "distill.ckpt")
         if done is None or done["step"] < cfg.steps:
-            cache = build_teacher_cache(t_lm, collate, examples, device=self.device, mode=loss_cfg.teacher_cache,
+            used = {i for batch in batches for i in batch}  # this stage's examples, each computed once
+            cache = build_teacher_cache(t_lm, collate, examples, used, device=self.device, mode=loss_cfg.teacher_cache,
                                         folder=self.out / "teacher_cache", disable_bar=self.rank != 0)
 
         def step_loss(step, micro):
@@ -337,10 +338,11 @@ class MPTTrainer:
             b = self._batch(collate, [ex for _, ex in chosen])
             slots = torch.tensor([slot for slot, _ in chosen], device=self.device)
             out = lm(b["input_ids"], b["attention_mask"], slots, return_logits=False)
-            labels = b["labels"].masked_fill(b["attention_mask"] == 0, -100).reshape(-1)
-            h = out.predictor_hidden.reshape(-1, out.predictor_hidden.shape[-1])
-            token_loss = fused_distill_loss(h, h.detach(), head, labels, kl_weight=0.0, ce_weight=1.0, reduction="none")
-            token_run = torch.where(labels != -100, slots.repeat_interleave(b["input_ids"].shape[1]), -1)
+            valid = b["labels"] != -100  # the target tokens: only their rows go through the lm_head
+            h = out.predictor_hidden[valid]
+            token_loss = fused_distill_loss(h, h.detach(), head, b["labels"][valid], kl_weight=0.0, ce_weight=1.0,
+                                            reduction="none")
+            token_run = slots[:, None].expand_as(valid)[valid]
             return per_run_mean(token_loss, token_run, len(runs)), int(b["attention_mask"].sum())
 
         self._train(name, stack, cfg, step_loss, groups=[list(p.parameters()) for p in prompts])
