@@ -1,6 +1,7 @@
 """The MPT recipe end to end, the old way and the new way, side by side in one run.
 
-    python bench/bench_recipe.py [--preset demo|quick] [--device cpu] [--out bench/results/recipe.csv]
+    python bench/bench_recipe.py [--preset demo|quick] [--n-eval N] [--seeds S] [--device cpu]
+                                 [--out bench/results/recipe.csv]
 
 Both ways run the same configuration (``mptkern demo``'s preset by default) on the same loaded
 backbone, one after the other, each stage timed and its peak memory taken (``harness.peak_memory``):
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=["demo", "quick"], default="demo", help="demo: mptkern demo's CPU preset; quick: seconds")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--n-eval", type=int, default=None, help="eval examples per target (default: the preset's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per k > 0 (default: the preset's)")
     p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "recipe.csv"))
     args = p.parse_args(argv)
     from mptkern.demo import demo_config, quick_config
@@ -133,6 +136,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = (demo_config if args.preset == "demo" else quick_config)(f"{tmp}/x", device=args.device)
+        if args.n_eval is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval=args.n_eval))
+        if args.seeds is not None:
+            cfg = dataclasses.replace(cfg, target_init=dataclasses.replace(cfg.target_init,
+                                                                            seeds=list(range(args.seeds))))
         model, tok = load_default(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         rows, results = [], {}
         for way in ("old", "new"):
@@ -146,11 +154,12 @@ def main(argv=None) -> int:
     for way in ("old", "new"):
         rows.append(dict(way=way, stage="all", seconds=round(sum(r["seconds"] for r in rows if r["way"] == way), 2),
                      peak_mb=max((r["peak_mb"] or 0) for r in rows if r["way"] == way)))
+    rows.sort(key=lambda r: (r["way"] != "old", r["stage"] == "all"))  # stable: each way's stages, then its total
     secs = {(r["way"], r["stage"]): r["seconds"] for r in rows}
     out_rows = []
     for r in rows:
         speed = round(secs["old", r["stage"]] / secs["new", r["stage"]], 2) if r["way"] == "new" else 1.0
-        out_rows.append(dict(preset=args.preset, **r, speedup_vs_old=speed, runs=len(old),
+        out_rows.append(dict(preset=args.preset, seeds=len(cfg.target_init.seeds), **r, speedup_vs_old=speed, runs=len(old),
                              eval_per_target=cfg.data.n_eval,
                              mean_score=round(statistics.mean(x["score"] for x in results[r["way"]]), 4),
                              same_scores=f"{same}/{len(old)}", max_score_diff=round(diff, 4)))

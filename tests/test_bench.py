@@ -133,3 +133,22 @@ def test_engine_bench_small_run_checks_agreement_and_writes_rows(monkeypatch, tm
     with pytest.raises(bench_engine.harness.Disagreement, match="greedy tokens differ"):
         bench_engine.main(["--small", "--out", str(out)])
     assert len(_read(out)) == n
+
+
+def test_recipe_bench_runs_both_ways_and_writes_rows(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("MPTKERN_CACHE", str(tmp_path / "cache"))
+    import bench_recipe
+
+    out = tmp_path / "recipe.csv"
+    assert bench_recipe.main(["--preset", "quick", "--out", str(out)]) == 0
+    rows = _read(out)
+    assert [(r["way"], r["stage"]) for r in rows] == [(w, s) for w in ("old", "new") for s in ("teachers", "distill", "targets", "all")]
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    old_all, new_all = rows[3], rows[7]
+    assert float(old_all["seconds"]) == pytest.approx(sum(float(r["seconds"]) for r in rows[:3]), abs=0.05)
+    assert float(new_all["speedup_vs_old"]) == pytest.approx(float(old_all["seconds"]) / float(new_all["seconds"]), abs=0.01)
+    done, total = map(int, rows[0]["same_scores"].split("/"))
+    assert total == int(rows[0]["runs"]) > 0 and 0 <= done <= total
+    assert "scores equal run for run" in capsys.readouterr().out
