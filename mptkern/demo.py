@@ -60,7 +60,7 @@ def run(config: TrainConfig) -> str:
     budget = [
         f"teachers {config.teachers.steps} steps x {config.teachers.batch_size} examples",
         f"distillation {config.distill.steps} steps x {config.distill.batch_size} "
-        f"(teacher cache: {config.distill_loss.teacher_cache})",
+        f"(teacher cache: {config.distill_loss.teacher_cache} -> {trainer.teacher_cache_mode})",
         f"targets {len(runs)} runs: {sum(r.method != 'lora' for r in trained)} prompt runs in one stream and "
         f"{sum(r.method == 'lora' for r in trained)} LoRA runs, {config.target.steps} steps x up to "
         f"{config.target.batch_size} each; {len(runs) * config.data.n_eval} eval requests",

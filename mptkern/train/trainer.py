@@ -108,6 +108,7 @@ class MPTTrainer:
         self.rank = dist.get_rank() if self.world > 1 else 0
         self._stage_bar = None  # the target stage's bar, while it runs
         self.stage_seconds: dict[str, float] = {}  # wall seconds per stage of the last run()
+        self.teacher_cache_mode: str | None = None  # what distill() used: memory, disk or off
 
     # ------------------------------------------------------------------ setup
     def _load_model(self):
@@ -278,7 +279,11 @@ class MPTTrainer:
         cache, done = None, load_checkpoint(self.out / "distill.ckpt")
         if done is None or done["step"] < cfg.steps:
             used = {i for batch in batches for i in batch}  # this stage's examples, each computed once
-            cache = build_teacher_cache(t_lm, collate, examples, used, device=self.device, mode=loss_cfg.teacher_cache,
+            mode = loss_cfg.teacher_cache
+            if mode == "auto" and sum(map(len, batches)) < 2 * len(used):
+                mode = "off"  # each example is seen about once: a cache would save no teacher pass
+            self.teacher_cache_mode = mode
+            cache = build_teacher_cache(t_lm, collate, examples, used, device=self.device, mode=mode,
                                         folder=self.out / "teacher_cache", disable_bar=self.rank != 0)
 
         def step_loss(step, micro):
