@@ -135,7 +135,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = (demo_config if args.preset == "demo" else quick_config)(f"{tmp}/x", device=args.device)
+        cfg = (demo_config(f"{tmp}/x", device=args.device) if args.preset == "demo"
+               else dataclasses.replace(quick_config(f"{tmp}/x"), device=args.device))
         if args.n_eval is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval=args.n_eval))
         if args.seeds is not None:
