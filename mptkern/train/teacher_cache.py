@@ -48,9 +48,6 @@ class TeacherCache:
         self._memory, self._shards, self._shard_of = memory, shards, shard_of
         self.mode = "memory" if memory is not None else "disk"
 
-    def __len__(self) -> int:
-        return len(self._memory) if self._memory is not None else len(self._shard_of)
-
     def rows(self, indices) -> torch.Tensor:
         missing = [i for i in indices if i not in (self._memory if self._memory is not None else self._shard_of)]
         if missing:
@@ -70,24 +67,27 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher_lm, collate, examples, indices=None, *, device: torch.device, mode: str = "auto",
+def build_teacher_cache(teacher_lm, collate, examples, batches, *, device: torch.device, mode: str = "auto",
                         folder: str | os.PathLike | None = None, batch_size: int = 32,
                         disable_bar: bool = False) -> TeacherCache | None:
-    """Run ``teacher_lm`` (a ``PromptedLM`` over the teacher prompts) once over ``examples[i]`` for
-    each ``i`` in ``indices`` (default: all; the stage passes the examples its batches use, so the
-    cache never costs more teacher passes than recomputing) in no-grad batches of ``batch_size``;
-    returns the cache keyed by example index, or None for ``mode="off"``. ``collate``: the
-    distillation stage's :class:`mptkern.data.Collator`; ``folder``: where ``disk`` writes its shards
-    (required for ``disk`` and ``auto``)."""
+    """Run ``teacher_lm`` (a ``PromptedLM`` over the teacher prompts) once over every example the
+    stage's ``batches`` (lists of indices into ``examples``) use, so the cache never costs more
+    teacher passes than recomputing, in no-grad batches of ``batch_size``; returns the cache keyed
+    by example index, or None when the teachers are to be recomputed (``off``, or ``auto`` with
+    fewer than two visits per example). ``collate``: the distillation stage's
+    :class:`mptkern.data.Collator`; ``folder``: where ``disk`` writes its shards (required for
+    ``disk`` and ``auto``)."""
     if mode not in MODES:
         raise ValueError(f"teacher_cache must be one of {MODES}, got {mode!r}")
-    if mode == "off":
-        return None
-    indices = sorted(set(range(len(examples)) if indices is None else indices))
+    indices = sorted({i for batch in batches for i in batch})
     if not indices:
         raise ValueError("no source examples to cache")
+    if mode == "auto" and sum(map(len, batches)) < 2 * len(indices):
+        mode = "off"  # each example is seen about once: a cache would save no teacher pass
+    if mode == "off":
+        return None
     if mode == "auto":
-        labels = sum(int((collate([examples[i]])["labels"] != -100).sum()) for i in indices)
+        labels = sum(sum(lab != -100 for lab in collate.encode(examples[i])[1]) for i in indices)
         param = next(teacher_lm.prompt.parameters())
         need = labels * param.shape[-1] * param.element_size()
         mode = "memory" if need <= _free_bytes(device) // 4 else "disk"

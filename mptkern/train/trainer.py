@@ -278,13 +278,10 @@ class MPTTrainer:
         head = self.model.lm_head.weight
         cache, done = None, load_checkpoint(self.out / "distill.ckpt")
         if done is None or done["step"] < cfg.steps:
-            used = {i for batch in batches for i in batch}  # this stage's examples, each computed once
-            mode = loss_cfg.teacher_cache
-            if mode == "auto" and sum(map(len, batches)) < 2 * len(used):
-                mode = "off"  # each example is seen about once: a cache would save no teacher pass
-            self.teacher_cache_mode = mode
-            cache = build_teacher_cache(t_lm, collate, examples, used, device=self.device, mode=mode,
-                                        folder=self.out / "teacher_cache", disable_bar=self.rank != 0)
+            cache = build_teacher_cache(t_lm, collate, examples, batches, device=self.device,
+                                        mode=loss_cfg.teacher_cache, folder=self.out / "teacher_cache",
+                                        disable_bar=self.rank != 0)
+            self.teacher_cache_mode = "off" if cache is None else cache.mode
 
         def step_loss(step, micro):
             indices = batches[step * self._micro(cfg) + micro]
