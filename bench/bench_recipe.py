@@ -33,7 +33,7 @@ import torch
 import harness
 
 
-def hf_texts(model, tokenizer, prompt, task, *, max_new_tokens: int, batch_size: int, max_length: int = 256) -> list[str]:
+def hf_texts(model, tokenizer, prompt, task, *, max_new_tokens: int, batch_size: int, max_length: int) -> list[str]:
     """The old evaluation: greedy HF ``generate`` on ``task.eval`` in left-padded batches;
     ``prompt`` ``(module, index)`` is concatenated before the input embeddings, or None (the model
     as it is). Returns the decoded continuations without special tokens."""
@@ -76,7 +76,7 @@ def old_way_trainer():
             cfg, results, fmt = self.config.target, [], InputFormat(self.tokenizer)
             for run in self.target_runs():
                 kw = dict(max_new_tokens=generation_budget(fmt, run.task, self.config.max_new_tokens),
-                          batch_size=self.config.eval_batch_size)
+                          batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
                 if run.method in PROMPT_METHODS:
                     prompt = self.target_prompt(run, student)
                     if run.k:

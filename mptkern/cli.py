@@ -16,9 +16,20 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    import dataclasses
+
+    from mptkern.data.lengths import format_length_report
     from mptkern.train import MPTTrainer, load_config
 
-    trainer = MPTTrainer(load_config(args.config))
+    config = load_config(args.config)
+    overrides = {k: v for k, v in (("data_root", args.data_root), ("limit", args.limit),
+                                   ("eval_limit", args.eval_limit)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, **overrides))
+    if args.output_dir is not None:
+        config = dataclasses.replace(config, output_dir=args.output_dir)
+    trainer = MPTTrainer(config)
+    print(format_length_report(trainer.data_report, config.max_length), flush=True)
     print(MPTTrainer.format_results(trainer.run()))
     return 0
 
@@ -109,6 +120,10 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_demo)
     p = sub.add_parser("train", help="run the MPT recipe from a YAML/JSON config")
     p.add_argument("--config", required=True)
+    p.add_argument("--data-root", default=None, help="folder the registry's paths are relative to (overrides data.data_root)")
+    p.add_argument("--limit", type=int, default=None, help="at most N training examples per task (overrides data.limit)")
+    p.add_argument("--eval-limit", type=int, default=None, help="at most N eval examples per task (overrides data.eval_limit)")
+    p.add_argument("--output-dir", default=None, help="overrides output_dir")
     p.set_defaults(fn=_train)
     p = sub.add_parser("eval", help="evaluate a MultitaskPrompt PEFT adapter on its tasks' eval sets")
     p.add_argument("--adapter", required=True, help="folder with adapter_model.safetensors + adapter_config.json")

@@ -73,7 +73,7 @@ def run(config: TrainConfig) -> str:
         f"checkpoints:     {out}/*.ckpt",
         f"results:         {out / 'results.csv'}, {out / 'results.json'}, plot {out / 'results.png'}",
         f"student adapter: {out / 'student_adapter'} (PEFT format; mptkern eval --adapter / mptkern serve --adapter)",
-        f"target adapters: {out / 'adapters'} (every trained MPT prompt and LoRA run)",
+        f"target adapters: {out / 'adapters'} (every trained MPT and prompt-tuning prompt, every LoRA run)",
     ]
     return "\n".join(head) + MPTTrainer.format_results(results) + "\n" + "\n".join(tail)
 

@@ -352,6 +352,22 @@ class TaskPrompts(_PromptModule):
         self.prompts = _grown(p, row)
         return self.num_tasks - 1
 
+    @torch.no_grad()
+    def to_peft(self, directory: str | os.PathLike, task: int | str = 0, **kwargs) -> str:
+        """Write task ``task``'s prompt as a one-task PEFT MultitaskPromptTuning adapter (the format
+        ``mptkern serve`` and :meth:`MultitaskPrompt.from_peft` read): shared prompt = this prompt,
+        rank-1 factors all ones, so ``P ∘ (u vᵀ)`` is the prompt bit for bit. ``kwargs`` go to
+        :meth:`MultitaskPrompt.to_peft`; returns the directory."""
+        i = self._resolve_task(task)
+        rows = self.prompts[i]
+        names = [self.task_names[i]] if self.task_names is not None else None
+        one = MultitaskPrompt(1, self.prompt_len, self.hidden_size, 1, task_names=names, dtype=rows.dtype,
+                              device=rows.device)
+        one.prompt_embeddings.copy_(rows)
+        one.prefix_task_cols.fill_(1)
+        one.prefix_task_rows.fill_(1)
+        return one.to_peft(directory, **kwargs)
+
 
 # ----------------------------------------------------------------------------------------------
 # MultitaskPrompt

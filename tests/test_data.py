@@ -335,7 +335,8 @@ def test_read_jsonl_qa_option_layouts(tmp_path):
     fixed = Task("pqa", "qa", "Answer yes, no or maybe.", ("yes", "no", "maybe"), "qa_text")
     p = write_jsonl(tmp_path / "pqa.jsonl", [{"question": "Does it work?", "context": ["Abstract text."], "final_decision": "Maybe"}])
     exs = read_jsonl_qa(p, fixed, fields={"options": None, "answer": "final_decision", "context": "context"})
-    assert exs[0].target == "maybe" and exs[0].input.startswith("Abstract text.\nQuestion: Does it work?")
+    assert exs[0].target == "maybe" and exs[0].input == ("Question: Does it work?\nOptions: A) yes B) no C) maybe\n"
+                                                          "Context: Abstract text.")
 
 
 def test_read_jsonl_qa_errors_name_the_line(tmp_path):
@@ -363,7 +364,7 @@ def test_read_jsonl_nli_and_summarization(tmp_path):
         read_jsonl_nli(p, nli, fields=f)
     exs = read_jsonl_nli(p, nli, fields=f, label_map={0: "entailment"}, on_unknown="skip")
     assert [ex.target for ex in exs] == ["contradiction", "entailment"]
-    assert exs[0].input == "Premise: No fever.\nHypothesis: Patient is febrile."
+    assert exs[0].input == "Hypothesis: Patient is febrile.\nPremise: No fever."
     summ = Task("cxr", "summarization", "Summarize.", (), "free_text")
     p = write_jsonl(tmp_path / "s.jsonl", [{"findings": "Clear lungs.  No effusion.", "impression": "No acute  process."}])
     exs = read_jsonl_summarization(p, summ, fields={"text": "findings", "summary": "impression"})
@@ -519,17 +520,22 @@ def test_collator_bos_truncation_and_the_shared_input_format(suite):
     tasks = all_tasks(suite)
     index = {t.name: i for i, t in enumerate(tasks)}
     examples = [t.train[1] for t in tasks]
-    collate = Collator(tok, index, max_length=24)
+    fmt = InputFormat(tok)
+    limit = max(len(fmt.target(ex.target)) for ex in examples) + fmt.overhead + 3  # room for 3 input tokens
+    collate = Collator(tok, index, max_length=limit)
     assert collate.format.prefix == [3]
     batch = collate(examples)
-    assert batch["input_ids"].shape[1] <= 24 and collate.truncated > 0
+    assert batch["input_ids"].shape[1] <= limit and collate.truncated > 0
+    for b, ex in enumerate(examples):  # the input is cut, the answer never
+        assert [t for t in batch["labels"][b].tolist() if t != -100] == fmt.target(ex.target)
+    with pytest.raises(ValueError, match="answers are never cut"):
+        Collator(tok, index, max_length=fmt.overhead + 3)(examples)
     assert (batch["input_ids"][:, 0] == 3).all()
     for b, ex in enumerate(examples):
         labels = batch["labels"][b]
         k = int((labels == -100).logical_and(batch["attention_mask"][b].bool()).sum())
         cue = tok(ANSWER_CUE, add_special_tokens=False)["input_ids"]
         assert batch["input_ids"][b, k - len(cue):k].tolist() == cue  # the answer cue survives truncation
-    fmt = InputFormat(tok)
     full = Collator(tok, index, max_length=256)(examples)
     for b, ex in enumerate(examples):
         src = fmt.source(ex.instruction, ex.input, 256)[0]  # what evaluation and the engine feed

@@ -32,9 +32,10 @@ def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch, capsys
     assert (tmp_path / "run" / "results.json").exists()
     assert (tmp_path / "run" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.search(r"^budget: teachers \d+ steps .* eval requests$", report, re.M)
-    trained_mpt = [r for r in rows if r["method"] == "mpt" and r["k"] != "0"]
-    for r in trained_mpt:  # every trained MPT target prompt is a PEFT adapter that serves
-        adapter = tmp_path / "run" / "adapters" / f"target-{r['task']}-k{r['k']}-s{r['seed']}-mpt"
+    trained = [r for r in rows if r["method"] in ("mpt", "prompt_tuning") and r["k"] != "0"]
+    assert {r["method"] for r in trained} == {"mpt", "prompt_tuning"}
+    for r in trained:  # every trained target prompt is a PEFT adapter that serves
+        adapter = tmp_path / "run" / "adapters" / f"target-{r['task']}-k{r['k']}-s{r['seed']}-{r['method']}"
         assert (adapter / "adapter_config.json").exists(), adapter
     # `mptkern eval` scores the exported student on its source tasks
     (tmp_path / "eval.yaml").write_text("max_new_tokens: 4\ndata:\n  n_train: 4\n  n_eval: 2\n")

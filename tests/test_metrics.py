@@ -139,3 +139,18 @@ def test_score_dispatch_per_task_type():
         score(nli, ["entailment"], exs)
     with pytest.raises(ValueError, match="scored as task"):
         score(summ, ["x", "y"], exs)
+
+
+@pytest.mark.parametrize("output_format", ["ner_typed", "ner_json", "ner_inline"])
+def test_strict_micro_f1_on_a_real_ner_test_set(real_data, output_format):
+    """NCBI-disease test (940 sentences, 960 mentions, SOURCES.md): the gold targets, generated back,
+    score 1.0 with every mention a true positive; an empty output scores 0.0."""
+    from mptkern.data import read_conll
+
+    task = Task("ncbi", "ner", "List the diseases.", ("Disease",), output_format)
+    examples = read_conll(real_data / "NCBI-disease-IOB" / "test.tsv", task, delimiter="\t")
+    assert len(examples) == 940 and sum(len(ex.entities) for ex in examples) == 960
+    gold = score(task, [ex.target for ex in examples], examples)
+    assert gold["score"] == 1.0 and gold["tp"] == 960 and gold["fp"] == gold["fn"] == 0
+    empty = score(task, [""] * len(examples), examples)
+    assert empty["score"] == 0.0 and empty["tp"] == 0 and empty["fn"] == 960

@@ -405,6 +405,24 @@ def test_to_peft_loads_in_peft(tmp_path, llama_config):
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
 
 
+def test_task_prompts_to_peft_is_the_prompt_bit_for_bit(tmp_path, llama_config):
+    from peft import PeftModel
+
+    ours = TaskPrompts(3, L, D, task_names=["x", "y", "z"])
+    with torch.no_grad():
+        ours.prompts.normal_()
+    directory = ours.to_peft(tmp_path / "pt", task="y")
+    back = MultitaskPrompt.from_peft(directory)
+    assert back.task_names == ["y"] and back.num_tasks == 1
+    torch.testing.assert_close(back(torch.tensor([0])), ours(torch.tensor([1])), rtol=0, atol=0)
+    pm = PeftModel.from_pretrained(_tiny_llama(llama_config), directory).eval()  # PEFT reads it too
+    with torch.no_grad():
+        torch.testing.assert_close(pm.get_prompt(batch_size=1, task_ids=torch.tensor([0])), ours(torch.tensor([1])),
+                                   rtol=0, atol=0)
+    with pytest.raises(KeyError):
+        ours.to_peft(tmp_path / "bad", task="nope")
+
+
 @pytest.mark.parametrize("safe_serialization", [True, False])  # adapter_model.safetensors / .bin
 def test_from_peft_reads_a_peft_saved_adapter(tmp_path, llama_config, safe_serialization):
     from peft import MultitaskPromptTuningConfig, get_peft_model

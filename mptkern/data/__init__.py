@@ -18,10 +18,12 @@ Example::
 
 from mptkern.data.collator import Collator, InputFormat
 from mptkern.data.readers import (
-    READERS, DataFormatError, IgnoredAnnotationsWarning, read_brat, read_conll, read_jsonl, read_jsonl_nli,
-    read_jsonl_qa, read_jsonl_summarization,
+    READERS, DataFormatError, DroppedRecordsWarning, IgnoredAnnotationsWarning, read_brat, read_conll, read_jsonl,
+    read_jsonl_nli, read_jsonl_qa, read_jsonl_summarization, read_nli, read_qa, read_records, read_summarization,
 )
-from mptkern.data.registry import RegistryEntry, load_registry, missing_files, read_registry, registry_path
+from mptkern.data.registry import (
+    SHIPPED, LicenseWarning, RegistryEntry, load_registry, missing_files, read_registry, registry_path,
+)
 from mptkern.data.sampling import MixedTaskSampler, TaskSubsetSampler, flatten, task_sizes
 from mptkern.data.schema import (
     ANSWER_CUE, FORMATS, TASK_TYPES, Entity, Example, OutputFormat, Relation, Task, format_nli_input,
@@ -35,9 +37,10 @@ __all__ = [
     "make_example", "serialize_target", "parse_output", "gold_output", "render_source", "format_qa_input",
     "format_nli_input", "normalize_answer",
     # readers and registry
-    "DataFormatError", "IgnoredAnnotationsWarning", "READERS", "read_conll", "read_brat", "read_jsonl",
-    "read_jsonl_qa", "read_jsonl_nli", "read_jsonl_summarization", "RegistryEntry", "registry_path",
-    "read_registry", "missing_files", "load_registry",
+    "DataFormatError", "DroppedRecordsWarning", "IgnoredAnnotationsWarning", "READERS", "read_conll", "read_brat",
+    "read_records", "read_jsonl", "read_qa", "read_nli", "read_summarization", "read_jsonl_qa", "read_jsonl_nli",
+    "read_jsonl_summarization", "SHIPPED", "LicenseWarning", "RegistryEntry", "registry_path", "read_registry",
+    "missing_files", "load_registry",
     # synthetic suite
     "make_suite", "SOURCE_TASKS", "TARGET_TASKS",
     # batching

@@ -10,7 +10,8 @@ the target ``tok(" " + target) + [eos]``, each tokenized without special tokens;
 whatever the tokenizer puts before a text (``<|begin_of_text|>`` for Llama 3, nothing for SmolLM2).
 A generation prompt is therefore exactly the training prefix.
 When ``source + target`` exceeds ``max_length``, the instruction/input part is cut from its end (the
-answer cue is kept); a target that alone does not fit is cut and loses its EOS.
+answer cue is kept); the answer is never cut: an example whose target alone leaves no room for input is
+an error (``mptkern.data.lengths.fit_to_length`` drops such examples when a task is loaded).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class _Base:
         if max_length < self.format.overhead + 2:
             raise ValueError(f"max_length={max_length} leaves no room for any input")
         self.max_length = max_length
-        self.truncated = 0  # examples cut so far (source or target)
+        self.truncated = 0  # examples whose input was cut so far
 
     def _task_id(self, ex: Example) -> int:
         try:
@@ -139,8 +140,9 @@ class Collator(_Base):
         target = self.format.target(ex.target)
         cap = self.max_length - self.format.overhead - 1  # at least one input token stays
         if len(target) > cap:
-            target = target[:cap]
-            self.truncated += 1
+            raise ValueError(f"an example of task {ex.task!r} has a {len(target)}-token answer, which leaves no room "
+                             f"for its input in max_length={self.max_length}; answers are never cut: raise "
+                             "max_length or drop such examples (mptkern.data.lengths.fit_to_length)")
         source = self._source(ex, self.max_length - len(target))
         return source + target, [-100] * len(source) + target
 

@@ -6,61 +6,57 @@ reader                                 format
 :func:`read_conll`                     BIO / IOB2 / BIOES token-per-line files (token and tag columns,
                                        blank line between sentences) -> NER examples, one per sentence
 :func:`read_brat`                      brat standoff ``.txt`` + ``.ann`` (n2c2 2018 medication/ADE,
-                                       n2c2 2022 SDoH, converted i2b2 2010) -> NER or RE examples, one per
-                                       document, paragraph or line
-:func:`read_jsonl_qa`                  JSONL multiple-choice QA (question, options, answer)
-:func:`read_jsonl_nli`                 JSONL NLI pairs (premise, hypothesis, label)
-:func:`read_jsonl_summarization`       JSONL summarization (text, summary)
+                                       n2c2 2022 SDoH, converted i2b2 2010, DDI 2013) -> NER or RE
+                                       examples, one per document, paragraph, line or sentence
+:func:`read_qa`                        multiple-choice QA records (question, options or the task's fixed
+                                       labels, answer, optional context): PubMedQA, MedQA, MedMCQA
+:func:`read_nli`                       NLI records (premise, hypothesis, label): COVID-Fact, MedNLI
+:func:`read_summarization`             summarization records (text, summary): MEDIQA RRS, MTS-Dialog,
+                                       MeQSum
+:func:`~mptkern.data.nli4ct.read_nli4ct`  NLI4CT statements with the trial sections they reference
 =====================================  =================================================================
 
 Every reader takes the :class:`Task` the examples belong to (its type, labels and output format decide
-what is read and how the target is written) and returns ``list[Example]``. JSONL field names are
-mapped with ``fields=``; files are parsed exactly with :mod:`json`, or with ``engine="datasets"``
-through ``datasets.load_dataset("json", ...)`` (see :func:`read_jsonl` for its caveat). Malformed input
-raises :class:`DataFormatError`, whose message starts with ``<file>:<line>:``.
+what is read and how the target is written) and returns ``list[Example]``. The record readers take
+any layout :func:`~mptkern.data.records.read_records` reads: JSON lines, a JSON array of objects, a
+JSON object of objects keyed by id, CSV, TSV and xlsx (``layout="auto"`` picks by suffix); record
+fields (or table column positions) are mapped with ``fields=``. ``read_jsonl_qa``,
+``read_jsonl_nli`` and ``read_jsonl_summarization`` are their former names. Malformed input raises
+:class:`DataFormatError`, whose message starts with ``<file>:<line>:`` or ``<file>: record KEY:``
+(``item I``, ``row N``); the record readers can drop such records instead (``on_error="drop"``).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import json
 import logging
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mptkern._optional import require
+from mptkern.data.nli4ct import read_nli4ct
+from mptkern.data.records import (
+    DataFormatError, DroppedRecordsWarning, build_example, check_choice, read_examples, read_jsonl, read_records,
+)
 from mptkern.data.schema import (
-    Entity, Example, Relation, Task, collapse_ws, format_nli_input, format_qa_input, make_example,
+    Entity, Example, Relation, Task, collapse_ws, format_nli_input, format_qa_input,
     normalize_answer,
 )
 
 __all__ = [
-    "DataFormatError", "IgnoredAnnotationsWarning", "read_conll", "read_brat", "read_jsonl",
-    "read_jsonl_qa", "read_jsonl_nli", "read_jsonl_summarization", "READERS",
+    "DataFormatError", "DroppedRecordsWarning", "IgnoredAnnotationsWarning", "read_conll", "read_brat",
+    "read_records", "read_jsonl", "read_qa", "read_nli", "read_summarization", "read_jsonl_qa", "read_jsonl_nli",
+    "read_jsonl_summarization", "READERS",
 ]
 
 log = logging.getLogger(__name__)
 
 
-class DataFormatError(ValueError):
-    """Malformed input: ``str(err)`` is ``"<file>:<line>: <message>"`` (no line when it concerns the
-    whole file). Attributes ``path``, ``line``, ``reason``."""
-
-    def __init__(self, path, line: int | None, reason: str):
-        self.path, self.line, self.reason = str(path), line, reason
-        super().__init__(f"{path}:{line}: {reason}" if line is not None else f"{path}: {reason}")
-
-
 class IgnoredAnnotationsWarning(UserWarning):
-    """brat lines a reader read but did not use (events, attributes, normalizations, notes)."""
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    """brat annotations a reader read but did not use: lines it ignores (events, attributes,
+    normalizations, notes), and entities or relations dropped because they cross segments."""
 
 
 def _map_type(raw: str, mapping: Mapping[str, str | None] | None) -> str | None:
@@ -68,13 +64,6 @@ def _map_type(raw: str, mapping: Mapping[str, str | None] | None) -> str | None:
     if mapping and raw in mapping:
         return mapping[raw]
     return raw
-
-
-def _example(task: Task, path, line, input_text, **gold) -> Example:
-    try:
-        return make_example(task, input_text, **gold)
-    except ValueError as exc:
-        raise DataFormatError(path, line, str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +96,7 @@ def read_conll(path, task: Task, *, token_col: int = 0, tag_col: int = -1, delim
     """
     if task.type != "ner":
         raise ValueError(f"read_conll builds NER examples; task {task.name!r} is {task.type}")
-    _check_choice("on_unknown", on_unknown, ("error", "drop"))
+    check_choice("on_unknown", on_unknown, ("error", "drop"))
     path = Path(path)
     examples: list[Example] = []
     rows: list[tuple[int, str, str]] = []
@@ -157,8 +146,8 @@ def read_conll(path, task: Task, *, token_col: int = 0, tag_col: int = -1, delim
             if prefix in "ES":
                 close()
         close()
-        examples.append(_example(task, path, rows[0][0], text, entities=entities,
-                                 meta={"file": str(path), "line": rows[0][0]}))
+        examples.append(build_example(task, path, rows[0][0], text, entities=entities,
+                                      meta={"file": str(path), "line": rows[0][0]}))
         rows.clear()
 
     with open(path, encoding=encoding) as f:
@@ -186,7 +175,7 @@ def read_conll(path, task: Task, *, token_col: int = 0, tag_col: int = -1, delim
 # ----------------------------------------------------------------------------------------------
 # brat standoff
 # ----------------------------------------------------------------------------------------------
-_SEGMENTS = ("document", "paragraph", "line")
+_SEGMENTS = ("document", "paragraph", "line", "sentence")
 _DISCONTINUOUS = ("error", "skip", "span", "first", "join")
 _IGNORED_KINDS = {"A": "attribute (A)", "M": "attribute (M)", "N": "normalization (N)", "#": "note (#)",
                   "*": "equivalence (*)", "E": "event (E)"}
@@ -212,8 +201,37 @@ def _brat_pairs(path: Path, recursive: bool) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _segments(text: str, mode: str, max_chars: int | None) -> list[tuple[int, int]]:
-    """``[start, end)`` spans of the non-blank segments of ``text`` (trimmed of edge whitespace)."""
+# A sentence ends at . ! or ? (plus any closing quotes or brackets) followed by whitespace and an
+# upper-case letter or a digit; group 1 is the end of the sentence, the match's end the next start.
+# No sentence ends at these abbreviations ("24% vs. 31%", "St. John's wort").
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*()\s+(?=[A-Z0-9])")
+_NOT_AN_END = re.compile(r"\b(?:vs|e\.g|i\.e|cf|al|approx|St|Dr|Fig)\.\Z")
+
+
+def _sentences(text: str, group: list[tuple[int, int]], protected: Sequence[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Split a paragraph (its ``(start, end)`` lines) at sentence ends (``_SENTENCE_END``), except
+    where a ``protected`` span ``[lo, hi)`` (an entity) would be cut. Returns each sentence's lines."""
+    start, stop = group[0][0], group[-1][1]
+    cuts = [start]
+    for m in _SENTENCE_END.finditer(text, start, stop):
+        end, nxt = m.start(1), m.end()
+        if _NOT_AN_END.search(text, max(start, m.start() - 8), m.start() + 1):
+            continue
+        if not any(lo < nxt and hi > end for lo, hi in protected):
+            cuts.append(nxt)
+    cuts.append(stop)
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        out.append([(max(s, a), min(e, b)) for s, e in group if s < b and e > a])
+    return out
+
+
+def _segments(text: str, mode: str, max_chars: int | None,
+              protected: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """``[start, end)`` spans of the non-blank segments of ``text`` (trimmed of edge whitespace).
+
+    ``mode`` is one of ``_SEGMENTS``; sentences are cut inside paragraphs, never through a
+    ``protected`` span. With ``max_chars`` a longer segment is cut further at line boundaries."""
     lines, pos = [], 0
     for piece in text.splitlines(keepends=True):
         lines.append((pos, pos + len(piece.rstrip("\r\n"))))
@@ -221,12 +239,14 @@ def _segments(text: str, mode: str, max_chars: int | None) -> list[tuple[int, in
     groups: list[list[tuple[int, int]]] = [[]]
     for s, e in lines:
         blank = not text[s:e].strip()
-        if mode == "line" or (mode == "paragraph" and blank):
+        if mode == "line" or (mode in ("paragraph", "sentence") and blank):
             groups.append([])
         if not blank:
             groups[-1].append((s, e))
     if mode == "document":
         groups = [[(s, e) for g in groups for s, e in g]]
+    if mode == "sentence":
+        groups = [sent for g in groups if g for sent in _sentences(text, g, protected)]
     out = []
     for g in groups:
         if not g:
@@ -258,9 +278,15 @@ def read_brat(path, task: Task, *, segment: str = "document", max_chars: int | N
         task: an ``ner`` task (gold = the T entities whose types are in ``task.labels``) or an ``re``
             task (gold = the relations whose types are in ``task.labels``; their argument mentions are
             kept as ``entities``).
-        segment: one example per ``"document"``, ``"paragraph"`` (blank-line separated) or ``"line"``.
-            Entities and relations crossing a segment boundary are dropped and counted.
-        max_chars: split segments longer than this at line boundaries (never inside a line).
+        segment: one example per ``"document"``, ``"paragraph"`` (blank-line separated), ``"line"``
+            or ``"sentence"``. Sentences are cut inside paragraphs after ``.``, ``!`` or ``?`` (and
+            any closing ``"')]``) followed by whitespace and an upper-case letter or a digit, except
+            after ``vs. e.g. i.e. cf. al. approx. St. Dr. Fig.`` and where the cut would fall inside
+            a T entity's span; other abbreviations (``Inc. Pfizer``) are cut. A line break alone
+            does not end a sentence. Entities and relations crossing a segment boundary are
+            dropped, counted in ``report`` and in one :class:`IgnoredAnnotationsWarning` per call.
+        max_chars: split segments longer than this at line boundaries (never inside a line); a
+            single line longer than this stays whole.
         discontinuous: what to do with a T line of several fragments (``"0 5;9 14"``): ``"error"``
             (raise), ``"skip"`` (drop it and the relations using it), ``"span"`` (one span from the
             first start to the last end), ``"first"`` (the first fragment), ``"join"`` (fragments
@@ -276,7 +302,8 @@ def read_brat(path, task: Task, *, segment: str = "document", max_chars: int | N
 
     A/M (attributes), N (normalizations), ``#`` (notes) and ``*`` (equivalences) lines are always
     ignored: NER/RE targets hold spans, types and relations only. One
-    :class:`IgnoredAnnotationsWarning` per call says how many lines were ignored. Files are read
+    :class:`IgnoredAnnotationsWarning` per call says how many lines were ignored. Other drops the
+    options ask for (maps, ``on_unknown="drop"``, ``discontinuous="skip"``) are logged at INFO. Files are read
     with ``newline=""`` so that brat's character offsets hold for CRLF files too.
 
     Returns:
@@ -285,10 +312,10 @@ def read_brat(path, task: Task, *, segment: str = "document", max_chars: int | N
     """
     if task.type not in ("ner", "re"):
         raise ValueError(f"read_brat builds NER or RE examples; task {task.name!r} is {task.type}")
-    _check_choice("segment", segment, _SEGMENTS)
-    _check_choice("discontinuous", discontinuous, _DISCONTINUOUS)
-    _check_choice("events", events, ("ignore", "relations"))
-    _check_choice("on_unknown", on_unknown, ("error", "drop"))
+    check_choice("segment", segment, _SEGMENTS)
+    check_choice("discontinuous", discontinuous, _DISCONTINUOUS)
+    check_choice("events", events, ("ignore", "relations"))
+    check_choice("on_unknown", on_unknown, ("error", "drop"))
     counts = collections.Counter()
     examples = []
     for txt_path, ann_path in _brat_pairs(Path(path), recursive):
@@ -300,7 +327,13 @@ def read_brat(path, task: Task, *, segment: str = "document", max_chars: int | N
         warnings.warn(f"read_brat({path}): " + ", ".join(f"{k} {v}" for k, v in sorted(ignored.items()))
                       + f"; NER/RE targets use entities and relations only{hint}",
                       IgnoredAnnotationsWarning, stacklevel=2)
-    dropped = {k: v for k, v in counts.items() if k.startswith("dropped ")}
+    crossing = {k: v for k, v in counts.items() if k.endswith(" crossing segments")}
+    if crossing:  # a loss the segmentation caused, not one the options asked for: warn
+        warnings.warn(f"read_brat({path}, segment={segment!r}, max_chars={max_chars}): "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(crossing.items()))
+                      + " (their spans or arguments lie in different segments; a larger segment keeps them)",
+                      IgnoredAnnotationsWarning, stacklevel=2)
+    dropped = {k: v for k, v in counts.items() if k.startswith("dropped ") and k not in crossing}
     if dropped:
         log.info("read_brat(%s): %s", path, ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
     if report is not None:
@@ -441,11 +474,10 @@ def _read_brat_doc(txt_path, ann_path, task, segment, max_chars, discontinuous, 
         kept = {i: ents[i][0] for i in ents if i in used}
 
     line_starts = [0] + [m.end() for m in re.finditer(r"\r\n|\r|\n", text)]
-    examples, used_rels = [], set()
-    for seg_start, seg_end in _segments(text, segment, max_chars):
+    examples, used_rels, placed = [], set(), set()
+    for seg_start, seg_end in _segments(text, segment, max_chars, sorted(bounds.values())):
         inside = {i for i in kept if seg_start <= bounds[i][0] and bounds[i][1] <= seg_end}
-        counts["dropped entities crossing segments"] += sum(
-            1 for i in kept if i not in inside and bounds[i][0] < seg_end and bounds[i][1] > seg_start)
+        placed |= inside
         seg_ents = []
         for i in sorted(inside, key=lambda i: (bounds[i], i)):
             e = kept[i]
@@ -460,57 +492,20 @@ def _read_brat_doc(txt_path, ann_path, task, segment, max_chars, discontinuous, 
         if not gold and not keep_empty:
             continue
         line = bisect.bisect_right(line_starts, seg_start)
-        examples.append(_example(
+        examples.append(build_example(
             task, txt_path, line, text[seg_start:seg_end], entities=seg_ents, relations=seg_rels,
             meta={"file": str(txt_path), "doc": txt_path.stem, "offset": seg_start, "line": line},
         ))
+    if len(placed) < len(kept):  # each entity once, however many segments it overlaps
+        counts["dropped entities crossing segments"] += len(kept) - len(placed)
     if task.type == "re" and len(used_rels) < len(resolved):
         counts["dropped relations crossing segments"] += len(resolved) - len(used_rels)
     return examples
 
 
 # ----------------------------------------------------------------------------------------------
-# JSONL
+# Records: JSONL, JSON, CSV, TSV, xlsx (read by mptkern.data.records)
 # ----------------------------------------------------------------------------------------------
-def read_jsonl(path, *, engine: str = "json", cache_dir: str | None = None) -> list[tuple[int, dict]]:
-    """Rows of a JSON-lines file as ``(line number, dict)``, blank lines skipped.
-
-    Args:
-        engine: ``"json"`` (default): each line parsed with :mod:`json`, values exactly as written; a
-            malformed line raises :class:`DataFormatError` with its line number.
-            ``"datasets"``: ``datasets.load_dataset("json", data_files=path, split="train")`` (an Arrow
-            table, cached under ``cache_dir`` or the datasets cache), for large files that several runs
-            read. Columns some rows lack are None there. Caveat: when Arrow cannot type a column
-            (mixed types, e.g. NLI labels ``"entailment"`` and ``0``) datasets falls back to
-            ``pandas.read_json``, which coerces values silently (``"-"`` became ``0`` in a test); and a
-            malformed line is located by re-reading the file with :mod:`json`.
-        cache_dir: the datasets cache directory (``engine="datasets"`` only).
-    """
-    _check_choice("engine", engine, ("json", "datasets"))
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    rows = None
-    if engine == "datasets":
-        datasets = require("datasets", purpose='read_jsonl(engine="datasets")')
-        try:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
-            rows = ds.to_list() if len(ds) == len(lines) else None
-        except Exception as exc:  # noqa: BLE001 - any Arrow/datasets failure: diagnose line by line below
-            log.debug("datasets could not load %s (%s); reading it line by line", path, exc)
-    if rows is None:
-        rows = []
-        for lineno, line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return [(lineno, row) for (lineno, _), row in zip(lines, rows)]
 
 
 def _fields(defaults: dict, fields: Mapping | None, reader: str) -> dict:
@@ -522,13 +517,34 @@ def _fields(defaults: dict, fields: Mapping | None, reader: str) -> dict:
     return out
 
 
-def _get(row: dict, key: str | None, path, lineno, *, required: bool = True):
+def _present(row: dict) -> str:
+    names = sorted(k for k in row if isinstance(k, str))
+    ncols = sum(isinstance(k, int) for k in row)
+    return f"fields present: {names}" + (f", or column positions 0-{ncols - 1}" if ncols else "")
+
+
+def _get(row: dict, key, path, loc, *, required: bool = True):
+    """``row[key]`` (``key`` a field name or, in tables, a column position); None when ``key`` is
+    None. A required field that is absent, None or blank raises :class:`DataFormatError`."""
     if key is None:
         return None
     value = row.get(key)
-    if required and (value is None or (isinstance(value, str) and not value.strip())):
-        raise DataFormatError(path, lineno, f"missing or empty field {key!r} (fields present: {sorted(row)})")
+    if required and (value is None or (isinstance(value, str) and not value.strip()) or value == []):
+        raise DataFormatError(path, loc, f"missing or empty field {key!r} ({_present(row)})")
     return value
+
+
+def _text(row: dict, key, path, loc, *, required: bool = True) -> str | None:
+    """A text field: a string, a number, or a list of strings joined by one space (PubMedQA's
+    ``CONTEXTS``, COVID-Fact's ``evidence``)."""
+    value = _get(row, key, path, loc, required=required)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataFormatError(path, loc, f"field {key!r} must be text or a list of strings, got {type(value).__name__}")
 
 
 def _options(row, spec, path, lineno, text_key):
@@ -590,124 +606,167 @@ def _resolve_answer(answer, choices, keys, answer_format, path, lineno) -> int:
     return idx
 
 
-def read_jsonl_qa(path, task: Task, *, fields: Mapping | None = None, answer_format: str = "auto",
-                  option_text_key: str | None = None, engine: str = "json", cache_dir: str | None = None) -> list[Example]:
-    """Multiple-choice QA examples from JSONL.
+def _meta(path, loc, row, id_key) -> dict:
+    meta = {"file": str(path), ("line" if isinstance(loc, int) else "record"): loc}
+    if id_key is not None:
+        meta["id"] = row.get(id_key)
+    return meta
+
+
+def read_qa(path, task: Task, *, layout: str = "auto", fields: Mapping | None = None, answer_format: str = "auto",
+            option_text_key: str | None = None, on_error: str = "raise", engine: str = "json",
+            cache_dir: str | None = None, sheet: str | None = None) -> list[Example]:
+    """Multiple-choice QA examples from any record layout.
 
     Args:
-        fields: map of ``question``, ``options``, ``answer``, ``context``, ``id`` to the file's field
-            names (defaults: the same names, ``context`` and ``id`` unused). ``options`` names a list
-            field, an object field (``{"A": ..., "B": ...}``, MedQA) or a list of fields
-            (``["opa", "opb", "opc", "opd"]``, MedMCQA); None means the task's ``labels`` are the fixed
-            options of every question (PubMedQA's yes/no/maybe).
+        path: the file.
+        task: a ``qa`` task.
+        fields: map of ``question``, ``options``, ``answer``, ``context``, ``id`` to the record's field
+            names, or column positions (int) in tables (defaults: the same names, ``context`` and ``id``
+            unused). ``options`` names a list field, an object field (``{"A": ..., "B": ...}``, MedQA)
+            or a list of fields (``["opa", "opb", "opc", "opd"]``, MedMCQA); None means the task's
+            ``labels`` are the fixed options of every question (PubMedQA's yes/no/maybe). A question or
+            context that is a list of strings (PubMedQA's ``CONTEXTS``) is joined by one space.
+            A JSON object of objects gives its keys as field ``_key`` (``"id": "_key"``).
         answer_format: ``"auto"``, ``"letter"`` (``"B"``), ``"index0"``, ``"index1"``, ``"key"`` (a key
             of the options object) or ``"text"`` (the option's text). ``"auto"`` reads an int as a
             0-based index, a key of the options object as that option, a single letter within range as
-            a letter, anything else as text.
+            a letter, anything else as text (table cells are strings: pass ``"index0"``/``"index1"``
+            for numeric answers there).
         option_text_key: when options are objects (HEAD-QA ``{"aid": 1, "atext": ...}``), their text field.
-        engine, cache_dir: how the file is parsed (see :func:`read_jsonl`).
+        layout: ``"auto"`` (by suffix) or ``"jsonl"``, ``"json"``, ``"csv"``, ``"tsv"``, ``"xlsx"``
+            (see :func:`~mptkern.data.records.read_records`).
+        on_error: ``"raise"`` (default) the first malformed record's :class:`DataFormatError`, or
+            ``"drop"`` such records and warn once (:class:`DroppedRecordsWarning`) with their count
+            and the first error.
+        engine, cache_dir: how a JSONL file is parsed (see :func:`read_jsonl`).
+        sheet: the sheet of an xlsx workbook (default: the first).
 
     Returns:
-        ``list[Example]``: input laid out by :func:`format_qa_input`, ``label`` the correct option's text.
+        ``list[Example]``: input laid out by :func:`format_qa_input` (whitespace collapsed), ``label``
+        the correct option's text; ``meta`` has ``file`` and ``line`` (a line number) or ``record``
+        (``"record KEY"``, ``"item I"``, ``"row N"``), and ``id`` when mapped.
     """
-    if task.type != "qa":
-        raise ValueError(f"read_jsonl_qa builds QA examples; task {task.name!r} is {task.type}")
-    _check_choice("answer_format", answer_format, ("auto", "letter", "index0", "index1", "key", "text"))
+    check_choice("answer_format", answer_format, ("auto", "letter", "index0", "index1", "key", "text"))
     f = _fields({"question": "question", "options": "options", "answer": "answer", "context": None, "id": None},
-                fields, "read_jsonl_qa")
-    out = []
-    for lineno, row in read_jsonl(path, engine=engine, cache_dir=cache_dir):
-        question = str(_get(row, f["question"], path, lineno))
+                fields, "read_qa")
+    if task.type == "qa" and f["options"] is None and not task.labels:
+        raise ValueError(f"task {task.name!r} has no labels to use as fixed options; map the 'options' field")
+
+    def convert(loc, row):
+        question = _text(row, f["question"], path, loc)
         if f["options"] is None:
-            if not task.labels:
-                raise ValueError(f"task {task.name!r} has no labels to use as fixed options; map the 'options' field")
             choices, keys = list(task.labels), None
         else:
-            choices, keys = _options(row, f["options"], path, lineno, option_text_key)
+            choices, keys = _options(row, f["options"], path, loc, option_text_key)
         if len(set(map(normalize_answer, choices))) != len(choices):
-            raise DataFormatError(path, lineno, f"options are not distinct: {choices}")
-        idx = _resolve_answer(_get(row, f["answer"], path, lineno), choices, keys, answer_format, path, lineno)
-        context = _get(row, f["context"], path, lineno, required=False)
-        if isinstance(context, list):
-            context = " ".join(map(str, context))
-        meta = {"file": str(path), "line": lineno}
-        if f["id"] is not None:
-            meta["id"] = row.get(f["id"])
-        out.append(_example(task, path, lineno, format_qa_input(question, choices, context), label=choices[idx],
-                            choices=choices, meta=meta))
-    return out
+            raise DataFormatError(path, loc, f"options are not distinct: {choices}")
+        idx = _resolve_answer(_get(row, f["answer"], path, loc), choices, keys, answer_format, path, loc)
+        context = _text(row, f["context"], path, loc, required=False)
+        return build_example(task, path, loc, format_qa_input(question, choices, context), label=choices[idx],
+                             choices=choices, meta=_meta(path, loc, row, f["id"]))
+
+    return read_examples("read_qa", path, task, "qa", convert, layout=layout, on_error=on_error, engine=engine,
+                         cache_dir=cache_dir, sheet=sheet)
 
 
-def read_jsonl_nli(path, task: Task, *, fields: Mapping | None = None, label_map: Mapping | None = None,
-                   on_unknown: str = "error", engine: str = "json", cache_dir: str | None = None) -> list[Example]:
-    """NLI examples from JSONL.
+def read_nli(path, task: Task, *, layout: str = "auto", fields: Mapping | None = None, label_map: Mapping | None = None,
+             on_unknown: str = "error", on_error: str = "raise", engine: str = "json", cache_dir: str | None = None,
+             sheet: str | None = None) -> list[Example]:
+    """NLI examples from any record layout.
 
     Args:
-        fields: map of ``premise``, ``hypothesis``, ``label``, ``id`` to the file's field names (MedNLI:
-            ``{"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"}``).
+        path: the file.
+        task: an ``nli`` task.
+        fields: map of ``premise``, ``hypothesis``, ``label``, ``id`` to the record's field names or
+            table column positions (MedNLI: ``{"premise": "sentence1", "hypothesis": "sentence2",
+            "label": "gold_label"}``; COVID-Fact RTE TSVs: ``{"premise": 1, "hypothesis": 2, "label": 3}``,
+            since ``dev.tsv`` names its label column ``entailment``). A premise that is a list of
+            strings (COVID-Fact's ``evidence``) is joined by one space.
         label_map: raw label -> task label (keys compared as strings, so ``{"0": "entailment"}`` maps
             the integer 0); labels equal to a task label up to case and ``_ -`` need no mapping.
-        on_unknown: ``"error"`` or ``"skip"`` for rows whose label maps to no task label (e.g. SNLI's ``-``).
-        engine, cache_dir: how the file is parsed (see :func:`read_jsonl`).
+        on_unknown: ``"error"`` or ``"skip"`` (silently) for records whose label maps to no task label
+            (e.g. SNLI's ``-``).
+        layout, on_error, engine, cache_dir, sheet: as for :func:`read_qa`.
 
     Returns:
-        ``list[Example]`` with input from :func:`format_nli_input` and ``label`` a task label.
+        ``list[Example]`` with input from :func:`format_nli_input` (whitespace collapsed) and ``label`` a
+        task label; ``meta`` as for :func:`read_qa`.
     """
-    if task.type != "nli":
-        raise ValueError(f"read_jsonl_nli builds NLI examples; task {task.name!r} is {task.type}")
-    _check_choice("on_unknown", on_unknown, ("error", "skip"))
-    f = _fields({"premise": "premise", "hypothesis": "hypothesis", "label": "label", "id": None}, fields, "read_jsonl_nli")
+    check_choice("on_unknown", on_unknown, ("error", "skip"))
+    f = _fields({"premise": "premise", "hypothesis": "hypothesis", "label": "label", "id": None}, fields, "read_nli")
     lmap = {str(k): v for k, v in (label_map or {}).items()}
-    out = []
-    for lineno, row in read_jsonl(path, engine=engine, cache_dir=cache_dir):
-        premise = str(_get(row, f["premise"], path, lineno))
-        hypothesis = str(_get(row, f["hypothesis"], path, lineno))
-        raw = _get(row, f["label"], path, lineno)
+
+    def convert(loc, row):
+        premise = _text(row, f["premise"], path, loc)
+        hypothesis = _text(row, f["hypothesis"], path, loc)
+        raw = _get(row, f["label"], path, loc)
         label = lmap.get(str(raw), raw)
         label = task.parse(str(label)) if label is not None else None
         if label is None:
             if on_unknown == "skip":
-                continue
-            raise DataFormatError(path, lineno, f"label {raw!r} is not one of task {task.name!r}'s labels "
+                return None
+            raise DataFormatError(path, loc, f"label {raw!r} is not one of task {task.name!r}'s labels "
                                   f"{list(task.labels)} (pass label_map, or on_unknown='skip')")
-        meta = {"file": str(path), "line": lineno}
-        if f["id"] is not None:
-            meta["id"] = row.get(f["id"])
-        out.append(_example(task, path, lineno, format_nli_input(premise, hypothesis), label=label, meta=meta))
-    return out
+        return build_example(task, path, loc, format_nli_input(premise, hypothesis), label=label,
+                             meta=_meta(path, loc, row, f["id"]))
+
+    return read_examples("read_nli", path, task, "nli", convert, layout=layout, on_error=on_error, engine=engine,
+                         cache_dir=cache_dir, sheet=sheet)
 
 
-def read_jsonl_summarization(path, task: Task, *, fields: Mapping | None = None, engine: str = "json",
-                             cache_dir: str | None = None) -> list[Example]:
-    """Summarization examples from JSONL.
+def _newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_summarization(path, task: Task, *, layout: str = "auto", fields: Mapping | None = None,
+                       on_error: str = "raise", engine: str = "json", cache_dir: str | None = None,
+                       sheet: str | None = None) -> list[Example]:
+    """Summarization examples from any record layout.
 
     Args:
-        fields: map of ``text``, ``summary``, ``id`` to the file's field names (MIMIC-CXR style:
-            ``{"text": "findings", "summary": "impression"}``).
-        engine, cache_dir: how the file is parsed (see :func:`read_jsonl`).
+        path: the file.
+        task: a ``summarization`` task.
+        fields: map of ``text``, ``summary``, ``id`` to the record's field names or table column
+            positions (MIMIC-CXR / MEDIQA RRS: ``{"text": "findings", "summary": "impression"}``;
+            MTS-Dialog: ``{"text": "dialogue", "summary": "section_text", "id": "ID"}``; MeQSum:
+            ``{"text": "CHQ", "summary": "Summary", "id": "File"}``).
+        layout, on_error, engine, cache_dir, sheet: as for :func:`read_qa`.
+
+    The text and summary are kept as written, line breaks included (a dialogue keeps its turns on
+    their lines), except that ``\\r\\n`` and ``\\r`` become ``\\n``: MTS-Dialog's training CSV has
+    CRLF inside its fields, its validation and test files LF. (The target is the summary in the
+    task's format: ``free_text`` collapses whitespace.)
 
     Returns:
-        ``list[Example]`` with the text as input (unchanged) and ``summary`` the reference.
+        ``list[Example]`` with the text as input and ``summary`` the reference; ``meta`` as for
+        :func:`read_qa`.
     """
-    if task.type != "summarization":
-        raise ValueError(f"read_jsonl_summarization builds summarization examples; task {task.name!r} is {task.type}")
-    f = _fields({"text": "text", "summary": "summary", "id": None}, fields, "read_jsonl_summarization")
-    out = []
-    for lineno, row in read_jsonl(path, engine=engine, cache_dir=cache_dir):
-        text = str(_get(row, f["text"], path, lineno))
-        summary = str(_get(row, f["summary"], path, lineno))
-        meta = {"file": str(path), "line": lineno}
-        if f["id"] is not None:
-            meta["id"] = row.get(f["id"])
-        out.append(_example(task, path, lineno, text, summary=summary, meta=meta))
-    return out
+    f = _fields({"text": "text", "summary": "summary", "id": None}, fields, "read_summarization")
 
+    def convert(loc, row):
+        text = _newlines(_text(row, f["text"], path, loc))
+        summary = _newlines(_text(row, f["summary"], path, loc))
+        return build_example(task, path, loc, text, summary=summary, meta=_meta(path, loc, row, f["id"]))
+
+    return read_examples("read_summarization", path, task, "summarization", convert, layout=layout, on_error=on_error,
+                         engine=engine, cache_dir=cache_dir, sheet=sheet)
+
+
+# The names of the JSONL-only readers these replaced (same arguments, plus layout, on_error, sheet).
+read_jsonl_qa = read_qa
+read_jsonl_nli = read_nli
+read_jsonl_summarization = read_summarization
 
 # The registry (registry.yaml) names readers by these keys.
 READERS = {
     "conll": read_conll,
     "brat": read_brat,
-    "jsonl_qa": read_jsonl_qa,
-    "jsonl_nli": read_jsonl_nli,
-    "jsonl_summarization": read_jsonl_summarization,
+    "qa": read_qa,
+    "nli": read_nli,
+    "summarization": read_summarization,
+    "nli4ct": read_nli4ct,
+    "jsonl_qa": read_qa,
+    "jsonl_nli": read_nli,
+    "jsonl_summarization": read_summarization,
 }

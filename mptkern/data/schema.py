@@ -73,8 +73,8 @@ class Entity:
     end: int | None = None
 
     def key(self) -> tuple[str, str]:
-        """``(whitespace-collapsed text, type)``: what strict matching compares."""
-        return collapse_ws(self.text), self.type
+        """``(canonical span text, type)``: what strict matching compares (see :func:`canonical_span`)."""
+        return canonical_span(self.text), self.type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ class Relation:
     tail: str
 
     def key(self) -> tuple[str, str, str]:
-        """``(head, type, tail)`` with whitespace-collapsed argument texts: what strict matching compares."""
-        return collapse_ws(self.head), self.type, collapse_ws(self.tail)
+        """``(head, type, tail)`` with canonical argument texts: what strict matching compares."""
+        return canonical_span(self.head), self.type, canonical_span(self.tail)
 
 
 @dataclasses.dataclass
@@ -145,6 +145,17 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 def collapse_ws(text: str) -> str:
     """Strip ``text`` and collapse every run of whitespace to one space."""
     return _WS.sub(" ", text).strip()
+
+
+_SPAN_EDGE = " ,;|"
+
+
+def canonical_span(text: str) -> str:
+    """A span as strict matching compares it: whitespace collapsed and the list separators ``, ; |``
+    stripped from its ends. Real gold has spans like ``"colorectal cancer ,"`` (NCBI-disease tags a
+    trailing comma token), which no output format can write back, since the parsers strip
+    separators from item edges."""
+    return collapse_ws(text).strip(_SPAN_EDGE)
 
 
 def option_letter(i: int) -> str:
@@ -565,15 +576,19 @@ class Task:
 
 
 def format_qa_input(question: str, choices: Sequence[str], context: str | None = None) -> str:
-    """QA input layout: optional context line, ``Question: ...``, ``Options: A) .. B) ..``."""
+    """QA input layout: ``Question: ...``, ``Options: A) .. B) ..``, then an optional ``Context: ...``
+    line. The context comes last because a source too long for ``max_length`` is cut from its end:
+    a long abstract loses its tail, never the question or the options."""
     opts = " ".join(f"{option_letter(i)}) {collapse_ws(c)}" for i, c in enumerate(choices))
-    lines = ([collapse_ws(context)] if context else []) + [f"Question: {collapse_ws(question)}", f"Options: {opts}"]
+    lines = [f"Question: {collapse_ws(question)}", f"Options: {opts}"] + ([f"Context: {collapse_ws(context)}"] if context else [])
     return "\n".join(lines)
 
 
 def format_nli_input(premise: str, hypothesis: str) -> str:
-    """NLI input layout: ``Premise: ...`` and ``Hypothesis: ...`` lines."""
-    return f"Premise: {collapse_ws(premise)}\nHypothesis: {collapse_ws(hypothesis)}"
+    """NLI input layout: ``Hypothesis: ...`` then ``Premise: ...``. The premise comes last because a
+    source too long for ``max_length`` is cut from its end: a long trial section loses its tail, never
+    the statement being judged."""
+    return f"Hypothesis: {collapse_ws(hypothesis)}\nPremise: {collapse_ws(premise)}"
 
 
 def make_example(task: Task, input: str, *, entities: Iterable[Entity] = (), relations: Iterable[Relation] = (),  # noqa: A002
@@ -635,9 +650,9 @@ def gold_output(task: Task, example: Example):
     """The gold of ``example`` in the structure :func:`parse_output` returns, so that
     ``parse_output(task, example.target) == gold_output(task, example)`` (lists up to order)."""
     if task.type == "ner":
-        return [Entity(collapse_ws(e.text), e.type) for e in _sorted_entities(example.entities)]
+        return [Entity(canonical_span(e.text), e.type) for e in _sorted_entities(example.entities)]
     if task.type == "re":
-        return [Relation(collapse_ws(r.head), r.type, collapse_ws(r.tail)) for r in example.relations]
+        return [Relation(canonical_span(r.head), r.type, canonical_span(r.tail)) for r in example.relations]
     if task.type == "qa":
         choices = example.choices or task.labels
         if task.output_format == "qa_letter":

@@ -49,8 +49,11 @@ class DataConfig:
     synthetic_seed: int = 0
     n_train: int = 64  # per source task
     n_eval: int = 16  # per task
-    registry: str | None = None  # a task registry YAML for real datasets
+    registry: str | None = None  # a task registry YAML for real datasets, or "public" / "clinical" (shipped ones)
     data_root: str | None = None
+    tasks: list[str] | None = None  # registry data: load only these entries (default: all)
+    limit: int | None = None  # registry data: at most this many train examples per task (a seeded sample)
+    eval_limit: int | None = None  # registry data: at most this many eval examples per task (a seeded sample)
 
 
 @dataclasses.dataclass
@@ -63,6 +66,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     output_dir: str = "runs/mpt"
     max_new_tokens: int = 32
+    max_length: int = 256  # tokens per training row (source + answer); longer inputs are cut, answers never
     eval_batch_size: int = 16  # HF-generate batch of bench/bench_recipe.py's old-way baseline; the engine batches by itself
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teachers: StageConfig = dataclasses.field(default_factory=StageConfig)

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mptkern.data import Collator, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
+from mptkern.data import Collator, InputFormat, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
+from mptkern.data.lengths import fit_to_length, length_report
 from mptkern.models import PromptedLM
 from mptkern.ops import fused_distill_loss
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
@@ -106,6 +107,7 @@ class MPTTrainer:
         dist = torch.distributed
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
+        self.data_report = self._fit_data()  # per task: token lengths, inputs cut, examples dropped
         self._stage_bar = None  # the target stage's bar, while it runs
         self.stage_seconds: dict[str, float] = {}  # wall seconds per stage of the last run()
         self.teacher_cache_mode: str | None = None  # what distill() used: memory, disk or off
@@ -127,11 +129,27 @@ class MPTTrainer:
         if d.registry:
             from mptkern.data import load_registry
 
-            return load_registry(d.registry, d.data_root or ".", seed=d.synthetic_seed)
+            return load_registry(d.registry, d.data_root or ".", names=d.tasks, seed=d.synthetic_seed,
+                                 limit=d.limit, eval_limit=d.eval_limit)
         return make_suite(seed=d.synthetic_seed, n_train=d.n_train, n_eval=d.n_eval)
 
+    def _fit_data(self) -> dict[str, dict]:
+        """Fit every task to ``config.max_length`` (drop training examples whose answer alone does not
+        fit: answers are never cut) and measure it: ``{task: length_report + train "dropped"}``, also
+        written to ``log.jsonl`` as a ``data`` record."""
+        fmt, limit, report = InputFormat(self.tokenizer), self.config.max_length, {}
+        for task in self.sources + self.targets:
+            dropped = fit_to_length(task, fmt, limit)
+            report[task.name] = length_report(task, fmt, limit)
+            report[task.name]["train"]["dropped"] = dropped
+            if not task.train and task in self.sources:
+                raise ValueError(f"source task {task.name!r} has no training example whose answer fits in "
+                                 f"max_length={limit}; raise max_length")
+        self._log({"data": report, "max_length": limit})
+        return report
+
     def _collator(self, tasks):
-        return Collator(self.tokenizer, {t.name: i for i, t in enumerate(tasks)}, max_length=256)
+        return Collator(self.tokenizer, {t.name: i for i, t in enumerate(tasks)}, max_length=self.config.max_length)
 
     def _seed(self, name: str) -> None:
         """Seed torch for the random initialisation of ``name``: runs are a function of the config."""
@@ -380,7 +398,8 @@ class MPTTrainer:
             # evaluated with the adapter active but not merged: merging into the frozen weights and
             # unmerging after would leave rounding residue in them after every run
             res = evaluate_runs(peft_model.get_base_model(), self.tokenizer, [EvalRun(run.name, run.task, None)],
-                                max_new_tokens=self.config.max_new_tokens, progress=False)[run.name]
+                                max_new_tokens=self.config.max_new_tokens, max_length=self.config.max_length,
+                                progress=False)[run.name]
             if self.rank == 0:
                 peft_model.save_pretrained(self.out / "adapters", selected_adapters=[run.name])
             return self._row(run, sum(p.numel() for p in params), res)
@@ -411,8 +430,8 @@ class MPTTrainer:
 
         Every prompt run trains in one batched stream (:meth:`train_prompt_grid`); the prompt runs and
         the k = 0 LoRA runs (the model as it is) are scored in one engine ``generate`` call; each
-        k > 0 LoRA run trains and is scored on one shared PEFT model. Every trained MPT prompt is
-        exported as a PEFT adapter under ``<output_dir>/adapters/``."""
+        k > 0 LoRA run trains and is scored on one shared PEFT model. Every trained prompt (MPT and
+        prompt tuning) and LoRA adapter is exported as a PEFT adapter under ``<output_dir>/adapters/``."""
         runs = self.target_runs()
         prompt_runs = [r for r in runs if r.method in PROMPT_METHODS]
         prompts = {r.name: self.target_prompt(r, student) for r in prompt_runs}
@@ -421,14 +440,14 @@ class MPTTrainer:
         lora_runs = [r for r in runs if r.method == "lora"]
         evals = [EvalRun(r.name, r.task, prompts[r.name]) for r in prompt_runs]
         evals += [EvalRun(r.name, r.task, None) for r in lora_runs if not r.k]
-        scores = evaluate_runs(self.model, self.tokenizer, evals, max_new_tokens=self.config.max_new_tokens)
+        scores = evaluate_runs(self.model, self.tokenizer, evals, max_new_tokens=self.config.max_new_tokens,
+                               max_length=self.config.max_length)
         rows = {r.name: self._row(r, sum(p.numel() for p in prompts[r.name].parameters()), scores[r.name])
                 for r in prompt_runs}
         rows.update((r.name, self._row(r, self._lora_size(), scores[r.name])) for r in lora_runs if not r.k)
         if self.rank == 0:
-            for r in trained:
-                if r.method == "mpt":
-                    prompts[r.name].to_peft(self.out / "adapters" / r.name)
+            for r in trained:  # MPT and prompt-tuning prompts alike: PEFT adapters `mptkern serve` reads
+                prompts[r.name].to_peft(self.out / "adapters" / r.name)
         trained_lora = [r for r in lora_runs if r.k]
         if trained_lora:
             from peft import get_peft_model
