@@ -1,4 +1,5 @@
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -28,6 +29,9 @@ def test_demo_pipeline_runs_every_stage_and_method(tmp_path, monkeypatch, capsys
     with open(tmp_path / "run" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["method"] for r in rows} == {"mpt", "prompt_tuning", "lora"} and all(r["score"] for r in rows)
+    gens = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == len(rows) and len({g["run"] for g in gens}) == len(rows)  # every scored run, once
+    assert all(len(g["texts"]) == len(g["gold"]) == 2 for g in gens)  # quick_config: n_eval=2
     assert (tmp_path / "run" / "student_adapter" / "adapter_config.json").exists()
     assert (tmp_path / "run" / "results.json").exists()
     assert (tmp_path / "run" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -419,8 +419,13 @@ class MPTTrainer:
         return sum(cfg.r * (m.in_features + m.out_features) for n, m in self.model.named_modules()
                    if n.rsplit(".", 1)[-1] in cfg.target_modules and hasattr(m, "in_features"))
 
-    @staticmethod
-    def _row(run: Run, params: int, res: dict) -> dict:
+    def _row(self, run: Run, params: int, res: dict) -> dict:
+        """The run's results row; its generated texts (``res["texts"]``, in ``task.eval`` order) go to
+        ``<output_dir>/generations.jsonl`` beside the gold targets, one line per run."""
+        if self.rank == 0 and "texts" in res:
+            with open(self.out / "generations.jsonl", "a") as f:
+                f.write(json.dumps({"run": run.name, "texts": res["texts"],
+                                    "gold": [ex.target for ex in run.task.eval]}) + "\n")
         return dict(task=run.task.name, method=run.method, k=run.k, seed=run.seed, params=params,
                     metric=res["metric"], score=res["score"])
 
