@@ -18,8 +18,8 @@ def _demo(args) -> int:
 def _train(args) -> int:
     import dataclasses
 
-    from mptkern.data.lengths import format_length_report
-    from mptkern.train import MPTTrainer, load_config
+    from mptkern import demo
+    from mptkern.train import load_config
 
     config = load_config(args.config)
     overrides = {k: v for k, v in (("data_root", args.data_root), ("limit", args.limit),
@@ -28,9 +28,7 @@ def _train(args) -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, **overrides))
     if args.output_dir is not None:
         config = dataclasses.replace(config, output_dir=args.output_dir)
-    trainer = MPTTrainer(config)
-    print(format_length_report(trainer.data_report, config.max_length), flush=True)
-    print(MPTTrainer.format_results(trainer.run()))
+    print(demo.run(config, announce=lambda text: print(text, flush=True)))
     return 0
 
 

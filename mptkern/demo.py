@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 
+from mptkern.data.lengths import format_length_report
 from mptkern.train import DataConfig, MPTTrainer, StageConfig, TargetConfig, TrainConfig
 
 
@@ -34,24 +36,32 @@ def demo_config(output_dir: str = "runs/demo", device: str = "auto") -> TrainCon
                        target_init=TargetConfig(shots=[0, 8], seeds=[0, 1, 2]))
 
 
-def run(config: TrainConfig) -> str:
+def run(config: TrainConfig, announce: Callable[[str], None] | None = None) -> str:
     """Run the recipe with ``config``; returns the printed report: the results table, the time of
-    the whole run and of each stage, and where the log, checkpoints, results and adapter went."""
+    the whole run and of each stage, and where the log, checkpoints, results and adapter went.
+    ``mptkern demo`` and ``mptkern train`` print it. ``announce``, when given, receives the token
+    length report of the loaded data (:func:`mptkern.data.lengths.format_length_report`) before
+    training starts."""
     t0 = time.perf_counter()
     trainer = MPTTrainer(config)
     load = time.perf_counter() - t0
+    if announce is not None:
+        announce(format_length_report(trainer.data_report, config.max_length))
     results = trainer.run()
     total = time.perf_counter() - t0
     frozen = sum(p.numel() for p in trainer.model.parameters())
     mpt = next(r["params"] for r in results if r["method"] == "mpt")
     out = trainer.out.resolve()
     stages = {"model and data": load, **trainer.stage_seconds}
+    data = "synthetic" if not config.data.registry else f"registry {config.data.registry!r}"
+    sizes = sorted({len(t.eval) for t in trainer.targets})
+    n_eval = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     head = [
         f"MPT on {type(trainer.model).__name__} ({frozen:,} frozen parameters), {trainer.device.type}, "
-        f"{len(trainer.sources)} synthetic source tasks -> {len(trainer.targets)} held-out targets",
+        f"{len(trainer.sources)} {data} source tasks -> {len(trainer.targets)} held-out targets",
         f"per target, MPT trains {mpt:,} parameters ({100 * mpt / frozen:.4f}% of the model); "
         f"prompt length {config.prompt_len}, rank {config.rank}",
-        f"scores on {config.data.n_eval} held-out examples per target by greedy generation "
+        f"scores on {n_eval} held-out examples per target by greedy generation "
         f"(micro F1 / accuracy / ROUGE-L); k = training examples; mean ± std over seeds",
         "",
     ]
@@ -63,7 +73,7 @@ def run(config: TrainConfig) -> str:
         f"(teacher cache: {config.distill_loss.teacher_cache} -> {trainer.teacher_cache_mode})",
         f"targets {len(runs)} runs: {sum(r.method != 'lora' for r in trained)} prompt runs in one stream and "
         f"{sum(r.method == 'lora' for r in trained)} LoRA runs, {config.target.steps} steps x up to "
-        f"{config.target.batch_size} each; {len(runs) * config.data.n_eval} eval requests",
+        f"{config.target.batch_size} each; {sum(len(r.task.eval) for r in runs)} eval requests",
     ]
     tail = [
         "",

@@ -93,26 +93,21 @@ def test_trainer_reports_lengths_and_cuts_inputs_never_answers(real_data, small_
     assert '"max_length": 160' in logged and '"pubmedqa"' in logged
 
 
-def test_cli_train_takes_data_root_limit_and_output_dir(monkeypatch, tmp_path):
-    import mptkern.train
-    from mptkern import cli
+def test_cli_train_takes_data_root_limit_and_output_dir(monkeypatch, tmp_path, capsys):
+    from mptkern import cli, demo
 
     seen = {}
 
-    class FakeTrainer:
-        def __init__(self, config):
-            seen["config"] = config
-            self.data_report = {}
+    def fake_run(config, announce=None):
+        seen["config"] = config
+        announce("lengths")
+        return "report"
 
-        def run(self):
-            return []
-
-        format_results = staticmethod(lambda results: "no results")
-
-    monkeypatch.setattr(mptkern.train, "MPTTrainer", FakeTrainer)
+    monkeypatch.setattr(demo, "run", fake_run)
     assert cli.main(["train", "--config", str(ROOT / "examples" / "public.yaml"), "--data-root", str(tmp_path),
                      "--limit", "3", "--eval-limit", "2", "--output-dir", str(tmp_path / "out")]) == 0
     cfg = seen["config"]
     assert cfg.data.registry == "public" and cfg.data.data_root == str(tmp_path)
     assert (cfg.data.limit, cfg.data.eval_limit, cfg.output_dir) == (3, 2, str(tmp_path / "out"))
     assert cfg.max_length == 256 and len(cfg.data.tasks) == 8  # the rest comes from the file
+    assert capsys.readouterr().out == "lengths\nreport\n"
