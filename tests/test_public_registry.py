@@ -2,6 +2,7 @@
 to max_length (inputs cut, answers never), and `mptkern train --data-root/--limit`."""
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def test_trainer_reports_lengths_and_cuts_inputs_never_answers(real_data, small_
         assert {k: v for k, v in report[name]["train"].items() if k != "dropped"} == fresh["train"]
     assert report["pubmedqa"]["train"]["cut"] > 30  # abstracts are longer than 160 tokens
     assert report["ncbi_disease_ner"]["train"]["cut"] < 5  # sentences are not
-    logged = (tmp_path / "log.jsonl").read_text().splitlines()[0]
-    assert '"max_length": 160' in logged and '"pubmedqa"' in logged
+    saved = json.loads((tmp_path / "data.json").read_text())
+    assert saved == {"max_length": 160, "tasks": report}
 
 
 def test_cli_train_takes_data_root_limit_and_output_dir(monkeypatch, tmp_path, capsys):

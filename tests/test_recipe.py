@@ -129,7 +129,8 @@ def test_engine_evaluation_equals_the_hf_generate_path(make, monkeypatch):
         # gpt-oss one request per batch: HF's sliding window counts left-padding columns between the
         # prompt and the input, so padded HF batches see fewer prompt rows than the model would alone
         budget = generation_budget(InputFormat(tok), run.task, 6)
-        texts = hf_texts(model, tok, run.prompt, run.task, max_new_tokens=budget, batch_size=1 if sliding else 3)
+        texts = hf_texts(model, tok, run.prompt, run.task, max_new_tokens=budget, batch_size=1 if sliding else 3,
+                         max_length=256)
         assert got[run.name]["texts"] == texts, run.name
         assert got[run.name]["score"] == score(run.task, texts, run.task.eval)["score"]
     assert any(t.strip() for r in runs for t in got[r.name]["texts"])  # not all empty

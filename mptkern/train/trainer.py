@@ -136,7 +136,7 @@ class MPTTrainer:
     def _fit_data(self) -> dict[str, dict]:
         """Fit every task to ``config.max_length`` (drop training examples whose answer alone does not
         fit: answers are never cut) and measure it: ``{task: length_report + train "dropped"}``, also
-        written to ``log.jsonl`` as a ``data`` record."""
+        written to ``<output_dir>/data.json`` with the ``max_length`` it was measured at."""
         fmt, limit, report = InputFormat(self.tokenizer), self.config.max_length, {}
         for task in self.sources + self.targets:
             dropped = fit_to_length(task, fmt, limit)
@@ -145,7 +145,8 @@ class MPTTrainer:
             if not task.train and task in self.sources:
                 raise ValueError(f"source task {task.name!r} has no training example whose answer fits in "
                                  f"max_length={limit}; raise max_length")
-        self._log({"data": report, "max_length": limit})
+        if self.rank == 0:
+            (self.out / "data.json").write_text(json.dumps({"max_length": limit, "tasks": report}, indent=1) + "\n")
         return report
 
     def _collator(self, tasks):
