@@ -4,8 +4,9 @@ Clinical documents, trial sections and dialogues are often longer than a trainin
 collator follows is that the **input is cut, never the answer**: the instruction/input part of a
 source is shortened from its end, the answer cue and the target are kept whole. :func:`fit_to_length`
 drops the training examples whose answer alone leaves no room for any input (they cannot be trained
-on without cutting the answer); :func:`length_report` says, per task and split, how long sources and
-targets are and how many inputs the budget cuts, which the trainer logs when it loads its data.
+on without cutting the answer) and returns :func:`length_report`: per task and split, how long
+sources and targets are and how many inputs the budget cuts, which the trainer records when it loads
+its data.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from mptkern.data.collator import InputFormat
 from mptkern.data.schema import Example, Task
 
-__all__ = ["answer_fits", "fit_to_length", "length_report", "format_length_report"]
+__all__ = ["fit_to_length", "length_report", "format_length_report"]
 
 
 def _summary(values: Sequence[int]) -> dict:
@@ -27,19 +28,15 @@ def _summary(values: Sequence[int]) -> dict:
             "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}
 
 
-def answer_fits(fmt: InputFormat, ex: Example, max_length: int) -> bool:
-    """Whether ``ex``'s target (with EOS) fits in ``max_length`` beside the source overhead and one
-    input token: what the collator needs to keep the answer whole."""
-    return len(fmt.target(ex.target)) + fmt.overhead + 1 <= max_length
+def _measure(fmt: InputFormat, examples: Sequence[Example]) -> list[tuple[int, int]]:
+    """``(source tokens untruncated, answer tokens with EOS)`` of each example."""
+    return [(len(fmt.source(ex.instruction, ex.input)[0]), len(fmt.target(ex.target))) for ex in examples]
 
 
-def fit_to_length(task: Task, fmt: InputFormat, max_length: int) -> int:
-    """Drop from ``task.train`` the examples whose answer does not fit (see :func:`answer_fits`);
-    returns how many were dropped. Eval examples are kept: their answer is generated, not fed."""
-    kept = [ex for ex in task.train if answer_fits(fmt, ex, max_length)]
-    dropped = len(task.train) - len(kept)
-    task.train = kept
-    return dropped
+def _split_report(lengths: Sequence[tuple[int, int]], max_length: int, answer_fed: bool) -> dict:
+    cut = sum(n_src + (n_tgt if answer_fed else 0) > max_length for n_src, n_tgt in lengths)
+    return {"n": len(lengths), "source": _summary([s for s, _ in lengths]), "target": _summary([t for _, t in lengths]),
+            "cut": cut}
 
 
 def length_report(task: Task, fmt: InputFormat, max_length: int) -> dict:
@@ -52,17 +49,21 @@ def length_report(task: Task, fmt: InputFormat, max_length: int) -> dict:
         input the budget shortens (train: ``source + target > max_length``; eval: ``source >
         max_length``, since the answer is generated there).
     """
-    out = {}
-    for split in ("train", "eval"):
-        sources, targets, cut = [], [], 0
-        for ex in task.examples(split):
-            n_src = len(fmt.source(ex.instruction, ex.input)[0])
-            n_tgt = len(fmt.target(ex.target))
-            sources.append(n_src)
-            targets.append(n_tgt)
-            cut += n_src + (n_tgt if split == "train" else 0) > max_length
-        out[split] = {"n": len(sources), "source": _summary(sources), "target": _summary(targets), "cut": cut}
-    return out
+    return {split: _split_report(_measure(fmt, task.examples(split)), max_length, split == "train")
+            for split in ("train", "eval")}
+
+
+def fit_to_length(task: Task, fmt: InputFormat, max_length: int) -> dict:
+    """Drop from ``task.train`` the examples whose answer (with EOS) does not fit in ``max_length``
+    beside the source overhead and one input token, which the collator needs to keep the answer
+    whole; eval examples are kept (their answer is generated, not fed). Each example is tokenized
+    once. Returns :func:`length_report` of the fitted task, with ``train["dropped"]``."""
+    lengths = _measure(fmt, task.train)
+    keep = [i for i, (_, n_tgt) in enumerate(lengths) if n_tgt + fmt.overhead + 1 <= max_length]
+    task.train = [task.train[i] for i in keep]
+    train = _split_report([lengths[i] for i in keep], max_length, True)
+    return {"train": {**train, "dropped": len(lengths) - len(keep)},
+            "eval": _split_report(_measure(fmt, task.eval), max_length, False)}
 
 
 def format_length_report(reports: dict[str, dict], max_length: int) -> str:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mptkern.data import Collator, InputFormat, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
-from mptkern.data.lengths import fit_to_length, length_report
+from mptkern.data.lengths import fit_to_length
 from mptkern.models import PromptedLM
 from mptkern.ops import fused_distill_loss
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
@@ -135,13 +135,11 @@ class MPTTrainer:
 
     def _fit_data(self) -> dict[str, dict]:
         """Fit every task to ``config.max_length`` (drop training examples whose answer alone does not
-        fit: answers are never cut) and measure it: ``{task: length_report + train "dropped"}``, also
+        fit: answers are never cut) and measure it: ``{task: fit_to_length's report}``, also
         written to ``<output_dir>/data.json`` with the ``max_length`` it was measured at."""
         fmt, limit, report = InputFormat(self.tokenizer), self.config.max_length, {}
         for task in self.sources + self.targets:
-            dropped = fit_to_length(task, fmt, limit)
-            report[task.name] = length_report(task, fmt, limit)
-            report[task.name]["train"]["dropped"] = dropped
+            report[task.name] = fit_to_length(task, fmt, limit)
             if not task.train and task in self.sources:
                 raise ValueError(f"source task {task.name!r} has no training example whose answer fits in "
                                  f"max_length={limit}; raise max_length")
