@@ -336,7 +336,7 @@ def test_read_jsonl_qa_option_layouts(tmp_path):
     p = write_jsonl(tmp_path / "pqa.jsonl", [{"question": "Does it work?", "context": ["Abstract text."], "final_decision": "Maybe"}])
     exs = read_jsonl_qa(p, fixed, fields={"options": None, "answer": "final_decision", "context": "context"})
     assert exs[0].target == "maybe" and exs[0].input == ("Question: Does it work?\nOptions: A) yes B) no C) maybe\n"
-                                                          "Context: Abstract text.")
+                                                          "Abstract text.")
 
 
 def test_read_jsonl_qa_errors_name_the_line(tmp_path):

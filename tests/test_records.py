@@ -176,7 +176,7 @@ def test_pubmedqa_object_keyed_by_pmid(real_data):
     assert first.target == "yes" and first.choices == ("yes", "no", "maybe")
     # the question and options, then the CONTEXTS (two abstract sections) joined by one space, whitespace collapsed
     assert first.input.startswith("Question: Do mitochondria play a role in remodelling lace plant leaves during "
-                                  "programmed cell death?\nOptions: A) yes B) no C) maybe\nContext: Programmed cell "
+                                  "programmed cell death?\nOptions: A) yes B) no C) maybe\nProgrammed cell "
                                   "death (PCD) is the regulated death of cells within an organism. ")
     assert first.input.count("\n") == 2
 

@@ -576,11 +576,11 @@ class Task:
 
 
 def format_qa_input(question: str, choices: Sequence[str], context: str | None = None) -> str:
-    """QA input layout: ``Question: ...``, ``Options: A) .. B) ..``, then an optional ``Context: ...``
+    """QA input layout: ``Question: ...``, ``Options: A) .. B) ..``, then the optional context
     line. The context comes last because a source too long for ``max_length`` is cut from its end:
     a long abstract loses its tail, never the question or the options."""
     opts = " ".join(f"{option_letter(i)}) {collapse_ws(c)}" for i, c in enumerate(choices))
-    lines = [f"Question: {collapse_ws(question)}", f"Options: {opts}"] + ([f"Context: {collapse_ws(context)}"] if context else [])
+    lines = [f"Question: {collapse_ws(question)}", f"Options: {opts}"] + ([collapse_ws(context)] if context else [])
     return "\n".join(lines)
 
 
