@@ -30,7 +30,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mptkern.data.schema import INPUT_FORMAT
 from mptkern.ops import decomposed_prompts
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -560,6 +561,7 @@ class MultitaskPrompt(_PromptModule):
         task_type: str = "CAUSAL_LM",
         num_layers: int | None = None,
         num_attention_heads: int | None = None,
+        instructions: Mapping[str, str] | None = None,
     ) -> str:
         """Write a PEFT MultitaskPromptTuning adapter that ``peft.PeftModel.from_pretrained(base,
         directory)`` loads: ``adapter_model.safetensors`` (keys ``prompt_embeddings``,
@@ -569,7 +571,10 @@ class MultitaskPrompt(_PromptModule):
         The config says ``prompt_tuning_init="RANDOM"``: PEFT re-runs a source-task init on every
         load, so naming a source file there would make the adapter depend on it. ``num_layers`` and
         ``num_attention_heads`` may stay None (PEFT fills them from the base model). Task names
-        travel in the safetensors metadata, which PEFT ignores.
+        and ``instructions`` (task name -> the instruction its inputs were formatted with in
+        training, :class:`mptkern.data.InputFormat`) travel in the safetensors metadata, which PEFT
+        ignores; :func:`read_peft_instructions` reads them back, and the inference engine formats
+        text requests with them.
         """
         task_type = str(getattr(task_type, "value", task_type))
         if task_type not in PEFT_TASK_TYPES:
@@ -581,6 +586,14 @@ class MultitaskPrompt(_PromptModule):
         metadata = {"format": "pt"}
         if self._task_names is not None:
             metadata["mptkern.task_names"] = json.dumps(self._task_names)
+        if instructions:
+            if self._task_names is None or set(instructions) - set(self._task_names):
+                raise ValueError(f"instructions name tasks {sorted(instructions)} but the module's tasks are "
+                                 f"{self._task_names}")
+            if not all(isinstance(v, str) for v in instructions.values()):
+                raise TypeError("instructions must map task names to strings")
+            metadata["mptkern.instructions"] = json.dumps(dict(instructions))
+            metadata["mptkern.input_format"] = INPUT_FORMAT
         config = {
             "auto_mapping": None,
             "base_model_name_or_path": base_model_name_or_path,
@@ -656,6 +669,23 @@ class MultitaskPrompt(_PromptModule):
             task_names = json.loads(metadata["mptkern.task_names"])
         config = dict(num_tasks=K, prompt_len=l, hidden_size=d, rank=r, task_names=task_names)
         return cls._from_tensors(tensors, config, backend=backend)
+
+
+def read_peft_instructions(directory: str | os.PathLike) -> dict[str, str]:
+    """Task name -> instruction recorded in a PEFT adapter written by :meth:`MultitaskPrompt.to_peft`
+    (empty for adapters that record none). Raises ValueError for an input format this version does
+    not know."""
+    path = os.path.join(os.fspath(directory), PEFT_WEIGHTS_NAME)
+    if not os.path.exists(path):
+        return {}
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "mptkern.instructions" not in metadata:
+        return {}
+    if metadata.get("mptkern.input_format") != INPUT_FORMAT:
+        raise ValueError(f"{os.fspath(directory)}: input format {metadata.get('mptkern.input_format')!r} is not "
+                         f"{INPUT_FORMAT!r}, the one this mptkern formats requests with")
+    return json.loads(metadata["mptkern.instructions"])
 
 
 def _peft_version() -> str | None:

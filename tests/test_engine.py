@@ -216,7 +216,8 @@ def test_errors():
         (Request("ner", input_ids=[]), "empty input"),
         (Request("ner", text=""), "empty input"),
         (Request("ner"), "exactly one of text and input_ids"),
-        (Request("ner", input_ids=[5] * 12, max_new_tokens=2), "exceeds max_batch_tokens"),
+        (Request("ner", input_ids=[5], logprobs=21), "logprobs must be"),
+        (Request("ner", input_ids=[5], logprobs=True), "logprobs must be"),
         (Request("ner", input_ids=[5] * 8, max_new_tokens=13), "exceeds max_seq_len"),
         (Request("ner", input_ids=[500]), "token ids must lie in"),
         (Request("ner", input_ids=[5], max_new_tokens=0), "max_new_tokens must be"),
@@ -229,6 +230,19 @@ def test_errors():
     with pytest.raises(ValueError, match="unknown task"):
         engine.remove_task("nope")
     assert engine.generate([]) == []
+    small = engine_for(model, kv_memory=4 * block_bytes(model, 4) / 2**30, block_size=4)
+    with pytest.raises(ValueError, match="need 6 K/V blocks but the pool has 4; raise kv_memory"):
+        small.generate([Request("ner", input_ids=[5] * 8, max_new_tokens=6)])  # prompt 6 -> 2 blocks, 8 + 6 -> 4
+    with pytest.raises(ValueError, match="kv_memory must be a positive"):
+        engine_for(model, kv_memory=0)
+    with pytest.raises(ValueError, match="holds no block"):
+        engine_for(model, kv_memory=1e-9)
+
+
+def block_bytes(model, block_size):
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * head_dim * 4
 
 
 def test_smollm2_greedy_matches_hf_generate(tmp_path):
@@ -381,3 +395,156 @@ def test_engine_on_the_triton_kernels_matches_hf_generate(make, monkeypatch):
     reqs = mixed_requests(4, seed=3)
     for req, res in zip(reqs, engine.generate(reqs)):
         assert res.token_ids == hf_greedy(model, prompt_rows(specs[req.task]), req.input_ids, req.max_new_tokens), req
+
+
+# -- paged K/V ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt_oss], ids=["llama-gqa", "gpt-oss-sinks-window"])
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_block_sizes_and_chunked_prefill_match_hf_generate(make, block_size):
+    """Inputs longer than the step's token budget are prefilled in chunks over several steps (each
+    chunk attends to the prefix and the earlier chunks, gathered from the pool); any block size."""
+    model = make()
+    specs = prompts(model)
+    engine = MultiTaskEngine(model, CharTokenizer(), specs, max_batch_tokens=8, max_running=3, max_seq_len=48,
+                             block_size=block_size)
+    g = torch.Generator().manual_seed(4)
+    reqs = [Request(t, input_ids=torch.randint(3, 128, (n,), generator=g).tolist(), max_new_tokens=m)
+            for t, n, m in [("ner", 23, 5), ("qa", 3, 9), ("cls", 17, 4), ("ner", 9, 7), ("qa", 1, 6)]]
+    for req, res in zip(reqs, engine.generate(reqs)):
+        assert res.token_ids == hf_greedy(model, prompt_rows(specs[req.task]), req.input_ids, req.max_new_tokens), req
+    assert engine.metrics()["kv_blocks_used"] == sum(-(-p.length // block_size) for p in engine.kv.prefixes.values())
+
+
+def test_a_long_prefill_does_not_stall_decoding_requests():
+    model = tiny_llama()
+    engine = engine_for(model, max_batch_tokens=6, max_seq_len=64)
+    short = engine.submit(Request("ner", input_ids=[5, 6], max_new_tokens=12))
+    engine.step()
+    long = engine.submit(Request("qa", input_ids=list(range(3, 43)), max_new_tokens=2))
+    steps = []
+    while long not in steps[-1:]:
+        ids = [u.request_id for u in engine.step()]
+        assert short in ids  # a token every step while the long input is prefilled beside it
+        steps.append(long if long in ids else None)
+    assert len(steps) == 8  # 40 input tokens in chunks of 5 (the budget of 6 less the decoding row)
+
+
+def test_preemption_recomputes_and_loses_nothing():
+    """A pool too small for every running request: the newest is preempted when a decoding request
+    needs a block, requeued with what it generated, recomputed later; every output equals HF's."""
+    model = tiny_llama()
+    specs = prompts(model)
+    engine = MultiTaskEngine(model, CharTokenizer(), specs, max_batch_tokens=32, max_running=6, max_seq_len=32,
+                             block_size=2, kv_memory=24 * block_bytes(model, 2) / 2**30)
+    reqs = mixed_requests(12, seed=5) + [Request("ner", input_ids=[9] * 10, max_new_tokens=12)]
+    results = engine.generate(reqs)
+    m = engine.metrics()
+    assert m["preemptions_total"] > 0 and m["kv_blocks_peak"] <= 24
+    for req, res in zip(reqs, results):
+        assert res.token_ids == hf_greedy(model, prompt_rows(specs[req.task]), req.input_ids, req.max_new_tokens), req
+    assert m["generated_tokens_total"] == sum(r.completion_tokens for r in results)
+    assert m["prompt_tokens_total"] > sum(r.prompt_tokens for r in results)  # recomputation counted
+
+
+def test_prefix_blocks_are_shared_reference_counted_and_evicted_lru():
+    model = tiny_llama()
+    specs = prompts(model)  # prompt lengths: ner/qa 6, cls 4
+    engine = MultiTaskEngine(model, CharTokenizer(), specs, max_batch_tokens=32, max_running=8, max_seq_len=24,
+                             block_size=4, kv_memory=9 * block_bytes(model, 4) / 2**30)
+    for _ in range(4):
+        engine.submit(Request("ner", input_ids=[5, 6, 7], max_new_tokens=1))
+    engine.step()  # four requests of one task in one step: its 6-token prefix in 2 blocks, once; 1 block each
+    assert engine.kv.prefixes["ner"].users == 0 and engine.metrics()["kv_blocks_used"] == 2  # all four finished
+    ner_blocks = list(engine.kv.prefixes["ner"].blocks)
+    engine.generate([Request("qa", input_ids=[5], max_new_tokens=1)])
+    assert set(engine.kv.prefixes) == {"ner", "qa"}  # idle prefixes stay cached
+    engine.generate([Request("ner", input_ids=[5], max_new_tokens=1)])  # ner used last: qa is the LRU one
+    # cls's prefix (1 block) + 15 + 2 cached tokens (5 blocks) > the 5 blocks not cached: one idle prefix goes, qa's
+    res = engine.generate([Request("cls", input_ids=[5] * 15, max_new_tokens=3)])[0]
+    assert set(engine.kv.prefixes) == {"ner", "cls"} and engine.kv.prefixes["ner"].blocks == ner_blocks
+    assert res.token_ids == hf_greedy(model, prompt_rows(specs["cls"]), [5] * 15, 3)
+    again = engine.generate([Request("qa", input_ids=[5, 9], max_new_tokens=4)])[0]  # recomputed
+    assert again.token_ids == hf_greedy(model, prompt_rows(specs["qa"]), [5, 9], 4)
+    engine.remove_task("qa")
+    assert "qa" not in engine.kv.prefixes
+
+
+def test_logprobs_are_the_models_log_softmax():
+    model = tiny_llama()
+    specs = prompts(model)
+    engine = engine_for(model, specs)
+    req = Request("qa", input_ids=[5, 9, 40], max_new_tokens=5, logprobs=3)
+    rid = engine.submit(req, stream=True)
+    updates = []
+    while engine.num_pending:
+        updates += [u for u in engine.step() if u.request_id == rid]
+    res = updates[-1].result
+    embeds = torch.cat([prompt_rows(specs["qa"]), model.get_input_embeddings()(torch.tensor(req.input_ids))])[None]
+    with _attention_implementation(model, "sdpa"), torch.no_grad():
+        out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                             do_sample=False, max_new_tokens=5, eos_token_id=EOS, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+    logp = torch.log_softmax(torch.cat(out.logits).float(), -1)
+    assert res.token_ids == out.sequences[0].tolist()
+    for i, (t, lp, top) in enumerate(zip(res.token_ids, res.logprobs, res.top_logprobs)):
+        assert lp == pytest.approx(float(logp[i, t]), abs=1e-5)
+        values, ids = logp[i].topk(3)
+        assert [tid for tid, _ in top] == ids.tolist() and [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+        assert top[0][0] == t  # greedy: the chosen token is the most likely
+    assert [u.logprob for u in updates] == res.logprobs and [u.top_logprobs for u in updates] == res.top_logprobs
+    plain = engine.generate([Request("qa", input_ids=[5, 9, 40], max_new_tokens=5)])[0]
+    assert plain.logprobs is None and plain.top_logprobs is None and plain.token_ids == res.token_ids
+
+
+def test_adapters_carry_their_instructions(tmp_path):
+    """An adapter written with instructions formats its text requests as training did, read by
+    add_task, by a prompts mapping and by a multi-task adapter directory given whole."""
+    from mptkern.data import InputFormat, make_suite
+    from mptkern.prompts import read_peft_instructions
+    from tests.test_data import word_tokenizer
+
+    suite = make_suite(seed=0, n_train=2, n_eval=1)
+    a, b = suite["targets"][:2]
+    tok = word_tokenizer(suite, bos=True)
+    model = tiny_models.tiny_llama(vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1)
+    multi = MultitaskPrompt(2, 3, model.config.hidden_size, task_names=[a.name, b.name])
+    multi.to_peft(tmp_path / "multi", instructions={a.name: a.instruction, b.name: b.instruction})
+    single = TaskPrompts(1, 3, model.config.hidden_size, task_names=[a.name])
+    single.to_peft(tmp_path / "one", instructions={a.name: a.instruction})
+    single.to_peft(tmp_path / "bare")
+    assert read_peft_instructions(tmp_path / "one") == {a.name: a.instruction} and read_peft_instructions(tmp_path / "bare") == {}
+    fmt = InputFormat(tok)
+    whole = MultiTaskEngine(model, tok, tmp_path / "multi", max_seq_len=128)
+    mapped = MultiTaskEngine(model, tok, {"x": tmp_path / "one", "y": tmp_path / "bare"}, max_seq_len=128)
+    assert whole.instruction(a.name) == a.instruction and whole.instruction(b.name) == b.instruction
+    assert mapped.instruction("x") == a.instruction and mapped.instruction("y") is None
+    ex = a.eval[0]
+    res = mapped.generate([Request("x", text=ex.input, max_new_tokens=2), Request("y", text=ex.input, max_new_tokens=2)])
+    assert res[0].prompt_tokens == len(fmt.source(a.instruction, ex.input)[0])
+    assert res[1].prompt_tokens == len(tok(ex.input, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="instructions name tasks"):
+        multi.to_peft(tmp_path / "bad", instructions={"nope": "x"})
+
+
+def test_streamed_text_is_decoded_incrementally():
+    """Streamed and stop-string requests decode a window of recent tokens per step, not their whole text."""
+
+    class Counting(CharTokenizer):
+        longest = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.longest = max(self.longest, len(ids))
+            return super().decode(ids, skip_special_tokens)
+
+    model = tiny_llama()
+    tok = Counting()
+    engine = MultiTaskEngine(model, tok, prompts(model), max_batch_tokens=24, max_running=3, max_seq_len=64)
+    rid = engine.submit(Request("ner", input_ids=[5, 6], max_new_tokens=40, stop=("zzzzzzzz",)), stream=True)
+    texts, result = [], None
+    while engine.num_pending:
+        for u in engine.step():
+            texts.append(u.text)
+            result = u.result or result
+    assert result.completion_tokens == 40 and tok.longest <= 2
+    assert "".join(texts) == result.text == CharTokenizer().decode(result.token_ids)

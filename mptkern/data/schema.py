@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = [
-    "TASK_TYPES", "ANSWER_CUE", "Entity", "Relation", "Example", "Task", "OutputFormat", "FORMATS",
+    "TASK_TYPES", "ANSWER_CUE", "INPUT_FORMAT", "Entity", "Relation", "Example", "Task", "OutputFormat", "FORMATS",
     "make_example", "serialize_target", "parse_output", "gold_output", "render_source",
     "format_qa_input", "format_nli_input", "normalize_answer", "collapse_ws", "option_letter",
 ]
@@ -56,6 +56,9 @@ __all__ = [
 TASK_TYPES = ("ner", "re", "qa", "nli", "summarization")
 # The source text a model sees is "<instruction>\n<input>" + ANSWER_CUE; the target follows it.
 ANSWER_CUE = "\nAnswer:"
+# the name of that layout (with InputFormat's special prefix), recorded in exported adapters; a
+# change of the layout must change it, so that adapters trained with another refuse to load
+INPUT_FORMAT = "mptkern-source-v1: [special prefix] instruction \\n input \\nAnswer:"
 _NONE = "none"
 
 

@@ -1,36 +1,48 @@
 """``MultiTaskEngine``: one frozen causal LM serving many task prompts with continuous batching.
 
-Each task's prompt K/V is computed once at every layer (on first use) and kept in a per-layer pool;
-a request's own cache holds only its input and generated tokens, in one contiguous slab per request
-slot and layer (head-major, passed to the ops as views in the layout
-:func:`mptkern.ops.prefix_attention_decode` documents). Every step runs the
-model once over one packed stream ``[prefill tokens of newly admitted requests | one token per
-decoding request]``: the host plans the step once (:class:`_StepPlan`: positions, ``cu_seqlens``,
-prefix ids, slab write indices), then the attention function registered here only runs, per layer:
-it writes the step's keys/values into the slabs, runs :func:`mptkern.ops.prefix_attention` on the
-prefill rows (task prefix + causal own tokens) and ``prefix_attention_decode`` on the decode rows.
+K/V memory is paged (:mod:`mptkern.serve.kv_cache`): one pool of fixed-size blocks for every
+layer, sized from a memory budget. A request's own tokens (input and generated) fill blocks it owns,
+listed in its block table; each task's prompt K/V is computed once, on first use, into blocks that
+every request of the task reads, reference-counted, and an unused prefix is evicted least recently
+used when its blocks are needed. Requests are admitted first come, first served, when a slot is free
+and the pool has the blocks for their tokens; when a decoding request needs a block and none is
+left, the newest running request is preempted: its blocks are freed and it goes back to the front of
+the queue with the tokens it generated, which are recomputed when it is readmitted, so nothing fails
+and nothing is lost.
+
+Every step runs the model once over one packed stream ``[prefill chunks | one token per decoding
+request]``. The decoding requests come first in the token budget (``max_batch_tokens``); prefills
+take what is left, a long input in chunks over several steps, so it never stalls the decoding
+requests. The host plans the step once (:class:`_StepPlan`, from lengths it already has: positions,
+``cu_seqlens``, flat pool rows to write, block tables), then the attention function registered here
+only runs, per layer: it writes the step's keys/values into the pool, runs
+:func:`mptkern.ops.prefix_attention` on the prefill rows (their context, the task prefix and any
+earlier chunks, gathered from the pool; then causal over the chunk) and
+:func:`mptkern.ops.prefix_attention_decode` on the decode rows, which reads the pool through the
+block tables in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
 from mptkern.models.prompted import _attention_implementation
 from mptkern.models.registry import entry_for
 from mptkern.ops import prefix_attention, prefix_attention_decode
-from mptkern.prompts import MultitaskPrompt
+from mptkern.prompts import MultitaskPrompt, read_peft_instructions
+from mptkern.serve.kv_cache import PagedKVCache, Prefix
 
 ATTENTION_NAME = "mptkern_engine"
+MAX_LOGPROBS = 20
 
 
 @dataclasses.dataclass
@@ -40,7 +52,9 @@ class Request:
     input, answer cue: :class:`mptkern.data.InputFormat`) unless ``raw``; ``input_ids`` are used as given.
     ``temperature == 0`` is greedy; otherwise sampling (with ``top_p``) from a ``torch.Generator``
     seeded by ``seed`` (a random seed when None). Generation stops at EOS, at any of ``stop`` (the
-    text is cut before it), or after ``max_new_tokens``."""
+    text is cut before it), or after ``max_new_tokens``. ``logprobs``: None, or report each
+    generated token's log-probability (log-softmax of the model's logits, before temperature and
+    top-p) with the ``logprobs`` (0..20) most likely alternatives."""
 
     task: str
     text: str | None = None
@@ -51,6 +65,7 @@ class Request:
     seed: int | None = None
     stop: Sequence[str] = ()
     raw: bool = False
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass
@@ -58,7 +73,9 @@ class Result:
     """``token_ids``: the generated tokens (an EOS that ended generation included, as in HF
     ``generate``); ``text``: their decoding without special tokens, cut before a stop string;
     ``finish_reason``: ``"stop"`` (EOS or stop string) or ``"length"``; times in seconds from the
-    request's submission (for :meth:`MultiTaskEngine.generate`, the start of the call)."""
+    request's submission (for :meth:`MultiTaskEngine.generate`, the start of the call).
+    ``logprobs``/``top_logprobs`` (requests with ``logprobs``): per generated token, its log-probability
+    and the ``(token id, log-probability)`` pairs of the most likely tokens, most likely first."""
 
     text: str
     token_ids: list[int]
@@ -67,6 +84,8 @@ class Result:
     finish_reason: str
     time_to_first_token: float
     total_time: float
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
@@ -74,12 +93,15 @@ class Update:
     """What one :meth:`MultiTaskEngine.step` did for one request: the token it generated; ``text``,
     for a request submitted with ``stream=True``, the text that became final in this step (text that a
     later token could still change, an incomplete character or the start of a stop string, is held
-    back; the updates' texts add up to ``result.text``), else ""; ``result`` on the request's last update."""
+    back; the updates' texts add up to ``result.text``), else ""; ``result`` on the request's last
+    update; ``logprob``/``top_logprobs`` of the token for requests with ``logprobs``."""
 
     request_id: int
     token_id: int
     text: str
     result: Result | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,48 +110,75 @@ class _Running:
     request: Request
     input_ids: list[int]
     task: str
-    slot: int = -1
-    length: int = 0  # own tokens in the slab
+    blocks: list[int] = dataclasses.field(default_factory=list)  # own blocks, in position order
+    length: int = 0  # own tokens whose K/V is in the pool
     generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     finish_reason: str | None = None
     stream: bool = False
     submitted: float = 0.0
+    admitted: bool = False  # holds blocks and a reference on its task's prefix
+    # incremental detokenization: text of generated[:read], decoded in windows from ``offset``
+    text: str = ""
+    offset: int = 0
+    read: int = 0
     sent: int = 0  # characters of the text already streamed
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token the request knows: its input and what it generated; the K/V of the first
+        ``length`` is cached, the rest is this request's next prefill (one token while decoding)."""
+        return self.input_ids + self.generated
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) + len(self.generated)
+
+    @property
+    def pending(self) -> int:
+        """Known tokens whose K/V is not cached yet."""
+        return self.num_tokens - self.length
 
 
 @dataclasses.dataclass
 class _StepPlan:
     """Everything the attention function needs for one step, built once on the host."""
 
-    mode: str  # "capture" (prompt K/V of one task) or "step"
+    write: torch.Tensor  # (N,) flat pool row of every stream row
     num_prefill: int = 0  # rows of the stream that are prefill tokens
     prefill_cu: torch.Tensor | None = None  # (P+1,) int32
-    prefill_prefix: torch.Tensor | None = None  # (P,) pool index of each prefill sequence
-    write_slot: torch.Tensor | None = None  # (N,) slab slot of each stream row
-    write_pos: torch.Tensor | None = None  # (N,) row inside the slab
-    decode_rows: torch.Tensor | None = None  # (R,) slots decoding this step, in stream order
-    cache_lens: torch.Tensor | None = None  # (slots,) valid rows per slot after the write (1 if idle)
-    slot_prefix: torch.Tensor | None = None  # (slots,) pool index per slot (-1 if idle)
-    decode_q: torch.Tensor | None = None  # (slots, Hq, D) workspace, allocated by the first layer
-    captured: list | None = None  # capture mode: per layer (k, v)
+    context: torch.Tensor | None = None  # (C, Lc) flat pool rows of each distinct prefill context
+    context_lens: torch.Tensor | None = None  # (C,)
+    prefill_context: torch.Tensor | None = None  # (P,) context of each prefill sequence, -1 none
+    block_tables: torch.Tensor | None = None  # (R, max_blocks) int32, decode rows
+    cache_lens: torch.Tensor | None = None  # (R,) own tokens after the write
+    prefix_tables: torch.Tensor | None = None  # (T, max_prefix_blocks) int32 of the decode rows' tasks
+    prefix_lens: torch.Tensor | None = None  # (T,)
+    decode_prefix: torch.Tensor | None = None  # (R,) index into prefix_tables, -1 none
 
 
 class MultiTaskEngine:
-    """Offline multi-task generation engine over a frozen Hugging Face causal LM.
+    """Offline and online multi-task generation over a frozen Hugging Face causal LM.
 
     Args:
         model: a ``*ForCausalLM`` whose ``config.model_type`` is in :mod:`mptkern.models.registry`.
         tokenizer: with ``encode(text, add_special_tokens=False)`` and ``decode(ids, skip_special_tokens=True)``.
         prompts: the tasks: a mapping of task name to a one-task prompt module, to ``(module, index)``,
             to a PEFT MultitaskPromptTuning adapter directory (one task), or to None (the model as
-            it is, no prompt); or a prompt module with ``task_names`` (every named task is registered).
+            it is, no prompt); or a prompt module with ``task_names``, or the directory of a PEFT
+            adapter with task names (every named task is registered).
         instructions: task name -> instruction; a text request of such a task is formatted as the
-            trainer formats its examples (see :class:`Request`).
+            trainer formats its examples (see :class:`Request`). Adapters that :mod:`mptkern.train`
+            wrote record their tasks' instructions, and tasks read from them get those unless given here.
         max_batch_tokens: stream rows per step (prefill tokens plus one per decoding request).
-        max_running: request slots (requests decoding at once).
-        max_seq_len: a request's own tokens (input plus generated) at most: the slab length.
+        max_running: requests admitted at once (decoding, or prefilling in chunks).
+        max_seq_len: a request's own tokens (input plus generated) at most.
+        kv_memory: GiB of K/V blocks. None: half the free memory of a CUDA device; elsewhere the
+            capacity of ``max_running`` requests of ``max_seq_len`` tokens.
+        block_size: token positions per K/V block.
 
     Two ways to drive it: :meth:`generate` runs a list of requests to the end (offline); a server
     calls :meth:`submit` whenever a request arrives, :meth:`step` in a loop (each step returns the
@@ -138,14 +187,13 @@ class MultiTaskEngine:
     thread-safe: one thread drives it.
 
     EOS ids come from ``model.generation_config.eos_token_id``, else ``tokenizer.eos_token_id``.
-    Admission is first come, first served: a waiting request joins when a slot is free and its
-    input fits in what the step's decode rows leave of ``max_batch_tokens``.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, prompts, *, max_batch_tokens: int = 512, max_running: int = 16,
-                 max_seq_len: int = 1024, instructions: Mapping[str, str] | None = None):
-        if min(max_batch_tokens, max_running, max_seq_len) < 1:
-            raise ValueError("max_batch_tokens, max_running and max_seq_len must be >= 1")
+    def __init__(self, model: nn.Module, tokenizer, prompts, *, max_batch_tokens: int = 512, max_running: int = 32,
+                 max_seq_len: int = 1024, kv_memory: float | None = None, block_size: int = 16,
+                 instructions: Mapping[str, str] | None = None):
+        if min(max_batch_tokens, max_running, max_seq_len, block_size) < 1:
+            raise ValueError("max_batch_tokens, max_running, max_seq_len and block_size must be >= 1")
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_running ({max_running})")
         self.entry = entry_for(model.config)
@@ -161,36 +209,51 @@ class MultiTaskEngine:
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        # head-major slabs: a slot's keys of one head are contiguous rows, so the decode attention reads
-        # them in place (passed to the ops as transpose(1, 2) views of the documented (B, S, Hkv, D))
-        kv_shape = (self.num_layers, max_running, cfg.num_key_value_heads, max_seq_len, head_dim)
-        self._slab_k = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
-        self._slab_v = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
+        shape = (self.num_layers, cfg.num_key_value_heads, head_dim, block_size, self.dtype)
+        if kv_memory is None:
+            if self.device.type == "cuda":
+                kv_memory = 0.5 * torch.cuda.mem_get_info(self.device)[0] / 2**30
+            else:
+                kv_memory = max_running * math.ceil(max_seq_len / block_size) * PagedKVCache.block_bytes(*shape) / 2**30
+        if not (isinstance(kv_memory, (int, float)) and kv_memory > 0):
+            raise ValueError(f"kv_memory must be a positive number of GiB, got {kv_memory!r}")
+        num_blocks = PagedKVCache.blocks_for_memory(kv_memory, *shape)
+        if num_blocks < 1:
+            raise ValueError(f"kv_memory={kv_memory} GiB holds no block of {PagedKVCache.block_bytes(*shape)} bytes")
+        self.kv = PagedKVCache(self.num_layers, cfg.num_key_value_heads, head_dim, block_size, num_blocks,
+                               self.dtype, self.device)
         self._tasks: dict[str, tuple[nn.Module | None, int]] = {}
         self._instructions: dict[str, str] = {}
         self._format = None  # an InputFormat, made when the first instruction is registered
-        self._prefix_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (layers, l, Hkv, D) each
-        self._pool = None  # (pool_k, pool_v, prefix_lens, task -> pool index), rebuilt when tasks change
         self._waiting: deque[_Running] = deque()
-        self._running: list[_Running] = []
-        self._free = list(range(max_running))  # a heap of free request slots: the lowest is taken first, so
-        # the running requests stay packed in the first slots and decode reads only those
+        self._running: list[_Running] = []  # admitted, oldest first
         self._by_id: dict[int, _Running] = {}  # submitted, not finished
         self._next_id = 0
+        self._counters = {"generated_tokens_total": 0, "prompt_tokens_total": 0, "preemptions_total": 0}
+        given = dict(instructions or {})
+        if isinstance(prompts, (str, os.PathLike)):
+            recorded = read_peft_instructions(prompts)
+            prompts = MultitaskPrompt.from_peft(prompts)
+            given = {**recorded, **given}
         if isinstance(prompts, nn.Module):
             self._add_module_tasks(prompts)
         elif isinstance(prompts, Mapping):
             for name, prompt in prompts.items():
-                self.add_task(name, prompt)
+                self.add_task(name, prompt, instruction=given.pop(name, None))
         else:
-            raise TypeError(f"prompts must be a mapping of task names or a prompt module with task_names, got {type(prompts).__name__}")
-        for name, instruction in (instructions or {}).items():
+            raise TypeError("prompts must be a mapping of task names, a prompt module with task_names or a PEFT "
+                            f"adapter directory, got {type(prompts).__name__}")
+        for name, instruction in given.items():
             self.set_instruction(name, instruction)
 
     # -- tasks --------------------------------------------------------------------------------
     @property
     def task_names(self) -> list[str]:
         return list(self._tasks)
+
+    def instruction(self, name: str) -> str | None:
+        """The instruction text requests of task ``name`` are formatted with (None: raw text)."""
+        return self._instructions.get(name)
 
     def _add_module_tasks(self, module: nn.Module) -> None:
         names = getattr(module, "task_names", None)
@@ -200,30 +263,30 @@ class MultiTaskEngine:
             self.add_task(name, (module, i))
 
     def add_task(self, name: str, prompt, *, instruction: str | None = None) -> None:
-        """Register ``name``: a one-task prompt module, ``(module, index)``, a PEFT adapter directory
-        or None (no prompt); with ``instruction``, text requests are formatted as in training. A
-        prompt's prefix K/V is computed on first use."""
+        """Register ``name``: a one-task prompt module, ``(module, index)``, a one-task PEFT adapter
+        directory or None (no prompt); with ``instruction`` (or one the adapter records), text
+        requests are formatted as in training. A prompt's prefix K/V is computed on first use."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"task name must be a non-empty string, got {name!r}")
         if name in self._tasks:
             raise ValueError(f"task {name!r} is already registered")
-        if prompt is None:
-            self._tasks[name] = (None, 0)
-            if instruction is not None:
-                self.set_instruction(name, instruction)
-            return
         if isinstance(prompt, (str, os.PathLike)):
+            if instruction is None:
+                recorded = list(read_peft_instructions(prompt).values())
+                instruction = recorded[0] if len(recorded) == 1 else None
             prompt = MultitaskPrompt.from_peft(prompt)
-        module, index = prompt if isinstance(prompt, tuple) else (prompt, 0)
-        if not isinstance(module, nn.Module) or not isinstance(index, int):
-            raise TypeError(f"task {name!r}: expected a prompt module, (module, index) or a PEFT directory, got {prompt!r}")
-        if not 0 <= index < module.num_tasks:
-            raise ValueError(f"task {name!r}: index {index} out of range for a module with {module.num_tasks} tasks")
-        if isinstance(prompt, nn.Module) and module.num_tasks != 1:
-            raise ValueError(f"task {name!r}: the module holds {module.num_tasks} tasks; pass (module, index)")
-        if module.hidden_size != self.model.config.hidden_size:
-            raise ValueError(f"task {name!r}: prompt hidden size {module.hidden_size} != model hidden size {self.model.config.hidden_size}")
-        self._tasks[name] = (module, index)
+        if prompt is not None:
+            module, index = prompt if isinstance(prompt, tuple) else (prompt, 0)
+            if not isinstance(module, nn.Module) or not isinstance(index, int):
+                raise TypeError(f"task {name!r}: expected a prompt module, (module, index) or a PEFT directory, got {prompt!r}")
+            if not 0 <= index < module.num_tasks:
+                raise ValueError(f"task {name!r}: index {index} out of range for a module with {module.num_tasks} tasks")
+            if isinstance(prompt, nn.Module) and module.num_tasks != 1:
+                raise ValueError(f"task {name!r}: the module holds {module.num_tasks} tasks; pass (module, index)")
+            if module.hidden_size != self.model.config.hidden_size:
+                raise ValueError(f"task {name!r}: prompt hidden size {module.hidden_size} != model hidden size {self.model.config.hidden_size}")
+            prompt = (module, index)
+        self._tasks[name] = prompt if prompt is not None else (None, 0)
         if instruction is not None:
             self.set_instruction(name, instruction)
 
@@ -248,72 +311,65 @@ class MultiTaskEngine:
             raise ValueError(f"task {name!r} has {busy} requests in flight; cancel or finish them first")
         del self._tasks[name]
         self._instructions.pop(name, None)
-        if self._prefix_kv.pop(name, None) is not None:
-            self._pool = None
+        self.kv.drop_prefix(name)
+
+    def _prompt_len(self, name: str) -> int:
+        module, _ = self._tasks[name]
+        return 0 if module is None else module.prompt_len
 
     @torch.no_grad()
-    def _ensure_prefix(self, name: str) -> None:
-        """Run the decoder body on the task's prompt (positions 0..l-1) and keep every layer's K/V."""
+    def _ensure_prefix(self, name: str) -> bool:
+        """Make task ``name``'s prompt K/V resident (run the decoder body on the prompt rows, positions
+        0..l-1, writing every layer's K/V into new blocks); False if the pool cannot hold it now."""
         module, index = self._tasks[name]
-        if module is None or name in self._prefix_kv:
-            return
+        if module is None or name in self.kv.prefixes:
+            return True
         embeds = module(torch.tensor([index], device=module.device))[0].to(self.device, self.dtype)
         l = embeds.shape[0]
-        plan = _StepPlan("capture", captured=[None] * self.num_layers)
-        self._run_body(embeds, torch.arange(l, device=self.device), plan)
-        self._prefix_kv[name] = tuple(torch.stack(t) for t in zip(*plan.captured))
-        self._pool = None
-
-    def _pool_for(self):
-        if self._pool is None and not self._prefix_kv:  # only tasks without a prompt so far
-            self._pool = (None, None, None, {})
-        if self._pool is None:
-            names = list(self._prefix_kv)
-            lens = [self._prefix_kv[n][0].shape[1] for n in names]
-            L = max(lens)
-            pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, L - t.shape[1])).transpose(1, 2)  # noqa: E731 -- (layers, Hkv, L, D)
-            pool_k = torch.stack([pad(self._prefix_kv[n][0]) for n in names], 1)  # (layers, P, Hkv, L, D), head-major
-            pool_v = torch.stack([pad(self._prefix_kv[n][1]) for n in names], 1)
-            self._pool = (pool_k, pool_v, torch.tensor(lens, device=self.device), {n: i for i, n in enumerate(names)})
-        return self._pool
+        blocks = self.kv.allocate(self.kv.blocks_needed(l))
+        if blocks is None:
+            return False
+        try:
+            plan = _StepPlan(self._rows(self.kv.slots(blocks, 0, l)), num_prefill=l,
+                             prefill_cu=torch.tensor([0, l], dtype=torch.int32, device=self.device))
+            self._run_body(embeds, torch.arange(l, device=self.device), plan)
+        except BaseException:
+            self.kv.free(blocks)
+            raise
+        self.kv.prefixes[name] = Prefix(blocks, l)
+        return True
 
     # -- model --------------------------------------------------------------------------------
+    def _rows(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
     def _run_body(self, embeds, positions, plan):
         with _attention_implementation(self.model, ATTENTION_NAME):
             out = self.model.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                    mptkern_engine=(self, plan))
         return out.last_hidden_state[0]
 
-    def _attend(self, layer, q, k, v, plan, scaling, window, sinks):
+    def _attend(self, layer, q, k, v, plan: _StepPlan, scaling, window, sinks):
         """Per layer: q (N, Hq, D), k/v (N, Hkv, D) of the step's stream -> (N, Hq, D)."""
-        if plan.mode == "capture":
-            plan.captured[layer] = (k.clone(), v.clone())
-            cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
-            return prefix_attention(q, k, v, cu, softmax_scale=scaling, window=window, sinks=sinks)
-        pool_k, pool_v, pool_lens, _ = self._pool
-        if pool_k is not None:
-            pool_k, pool_v = pool_k[layer].transpose(1, 2), pool_v[layer].transpose(1, 2)  # (P, L, Hkv, D) views
-        self._slab_k[layer][plan.write_slot, :, plan.write_pos] = k
-        self._slab_v[layer][plan.write_slot, :, plan.write_pos] = v
-        slab_k, slab_v = self._slab_k[layer].transpose(1, 2), self._slab_v[layer].transpose(1, 2)  # (slots, S, Hkv, D)
+        flat_k, flat_v = self.kv.flat_layer(layer)
+        flat_k.index_copy_(0, plan.write, k)
+        flat_v.index_copy_(0, plan.write, v)
         P = plan.num_prefill
         parts = []
         if P:
-            parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, pool_k, pool_v,
-                                          plan.prefill_prefix if pool_k is not None else None,
-                                          prefix_lens=pool_lens, softmax_scale=scaling,
+            ctx_k = ctx_v = None
+            if plan.context is not None:  # the chunks' context (prefix and earlier chunks), gathered
+                ctx_k, ctx_v = flat_k[plan.context], flat_v[plan.context]
+            parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, ctx_k, ctx_v, plan.prefill_context,
+                                          prefix_lens=plan.context_lens, softmax_scale=scaling,
                                           window=window, sinks=sinks))
         if q.shape[0] > P:
-            # slots up to the highest decoding one run (idle ones on one row, no prefix); keep the decoding rows
-            slots = plan.cache_lens.shape[0]  # up to the highest decoding slot
-            if plan.decode_q is None:
-                plan.decode_q = q.new_zeros(slots, *q.shape[1:])
-            plan.decode_q[plan.decode_rows] = q[P:]
-            out = prefix_attention_decode(plan.decode_q, slab_k[:slots], slab_v[:slots], plan.cache_lens, pool_k, pool_v,
-                                          plan.slot_prefix if pool_k is not None else None,
-                                          prefix_lens=pool_lens, softmax_scale=scaling,
-                                          window=window, sinks=sinks)
-            parts.append(out[plan.decode_rows])
+            pool_k, pool_v = self.kv.layer(layer)
+            has_prefix = plan.prefix_tables is not None
+            parts.append(prefix_attention_decode(
+                q[P:], pool_k, pool_v, plan.cache_lens, pool_k if has_prefix else None, pool_v if has_prefix else None,
+                plan.decode_prefix, prefix_lens=plan.prefix_lens, block_tables=plan.block_tables,
+                prefix_block_tables=plan.prefix_tables, softmax_scale=scaling, window=window, sinks=sinks))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # -- requests -----------------------------------------------------------------------------
@@ -344,18 +400,22 @@ class MultiTaskEngine:
             raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
         if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
             raise ValueError("stop must be a sequence of non-empty strings")
+        if request.logprobs is not None and (isinstance(request.logprobs, bool) or not isinstance(request.logprobs, int)
+                                             or not 0 <= request.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {request.logprobs!r}")
         total = len(ids) + request.max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(f"input ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceeds max_seq_len ({self.max_seq_len})")
-        if len(ids) > self.max_batch_tokens:
-            raise ValueError(f"input ({len(ids)} tokens) exceeds max_batch_tokens ({self.max_batch_tokens})")
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        module, _ = self._tasks[request.task]
-        prompt_len = 0 if module is None else module.prompt_len
+        prompt_len = self._prompt_len(request.task)
         if limit is not None and prompt_len + total > limit:
             raise ValueError(f"prompt ({prompt_len}) + input + max_new_tokens ({total}) "
                              f"exceeds the model's max_position_embeddings ({limit})")
+        need = self.kv.blocks_needed(prompt_len) + self.kv.blocks_needed(total)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"prompt + input + max_new_tokens need {need} K/V blocks but the pool has "
+                             f"{self.kv.num_blocks}; raise kv_memory")
         gen = None
         if request.temperature > 0:
             gen = torch.Generator(device=self.device)
@@ -374,8 +434,17 @@ class MultiTaskEngine:
 
     @property
     def num_pending(self) -> int:
-        """Submitted requests not finished yet (waiting for a slot or running)."""
+        """Submitted requests not finished yet (waiting or running)."""
         return len(self._by_id)
+
+    def metrics(self) -> dict[str, int]:
+        """Gauges (``waiting``, ``running``, ``kv_blocks_used``/``_total``/``_peak``, ``kv_block_bytes``)
+        and counters since the engine was made (``generated_tokens_total``, ``prompt_tokens_total``:
+        tokens prefilled, recomputation after preemption included; ``preemptions_total``)."""
+        kv = self.kv
+        return {"waiting": len(self._waiting), "running": len(self._running), "kv_blocks_used": kv.num_used,
+                "kv_blocks_total": kv.num_blocks, "kv_blocks_peak": kv.peak_used,
+                "kv_block_bytes": kv.pool[:, :, 0].numel() * kv.pool.element_size(), **self._counters}
 
     def submit(self, request: Request, *, stream: bool = False) -> int:
         """Queue ``request`` for the next :meth:`step` calls and return its id. With ``stream`` its
@@ -384,69 +453,138 @@ class MultiTaskEngine:
         return self._enqueue(self._prepare(request), stream, time.perf_counter())
 
     def cancel(self, request_id: int) -> bool:
-        """Drop a submitted request (waiting or running) and free its slot; False if it is unknown or done."""
-        r = self._by_id.get(request_id)
+        """Drop a submitted request (waiting or running) and free its blocks; False if it is unknown or done."""
+        r = self._by_id.pop(request_id, None)
         if r is None:
             return False
-        if r in self._running:
+        if r.admitted:
             self._running.remove(r)
+            self._evict(r)
         else:
             self._waiting.remove(r)
-        self._drop(r)
         return True
 
-    def _requeue(self, admitted: list[_Running]) -> None:
-        """Admitted requests whose prefill did not count: free their slots, back to the queue front in order."""
-        for r in reversed(admitted):
-            heapq.heappush(self._free, r.slot)
-            r.slot, r.length = -1, 0
-            self._waiting.appendleft(r)
+    def _evict(self, r: _Running) -> None:
+        """Free ``r``'s blocks and its hold on the prefix; its K/V is to be recomputed."""
+        self.kv.free(r.blocks)
+        self.kv.release(r.task)
+        r.blocks, r.length, r.admitted = [], 0, False
 
-    def _drop(self, r: _Running) -> None:
-        """Forget ``r`` (no longer in the running list or queue) and free its slot."""
-        self._by_id.pop(r.request_id, None)
-        if r.slot >= 0:
-            heapq.heappush(self._free, r.slot)
-            r.slot = -1
+    def _preempt(self, r: _Running) -> None:
+        self._running.remove(r)
+        self._evict(r)
+        self._waiting.appendleft(r)
+        self._counters["preemptions_total"] += 1
 
-    # -- stepping -----------------------------------------------------------------------------
-    def _plan(self, prefill: list[_Running], decode: list[_Running]):
-        """Host planning of one step: the packed stream's embeddings and positions and the plan."""
-        _, _, _, pool_index = self._pool_for()
-        dev = self.device
-        prompt_len = {r.task: self._prefix_kv[r.task][0].shape[1] if r.task in self._prefix_kv else 0
-                      for r in prefill + decode}
-        ids, positions, write_slot, write_pos, seqlens = [], [], [], [], []
-        for r in prefill:
-            n = len(r.input_ids)
-            ids += r.input_ids
-            positions += range(prompt_len[r.task], prompt_len[r.task] + n)
-            write_slot += [r.slot] * n
-            write_pos += range(n)
+    # -- scheduling ---------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """Give every decoding request the block its next position needs, preempting the newest
+        running requests when the pool is out of blocks."""
+        for r in list(self._running):
+            if r not in self._running or r.pending != 1 or r.length < len(r.blocks) * self.kv.block_size:
+                continue
+            while True:
+                got = self.kv.allocate(1)
+                if got is not None:
+                    r.blocks += got
+                    break
+                newest = self._running[-1]
+                self._preempt(newest)
+                if newest is r:
+                    break
+
+    def _admit(self) -> _Running | None:
+        """Admit the first waiting request if a slot is free and the pool has blocks for its known
+        tokens (and its prefix, if not resident); its prefix K/V is computed now if needed."""
+        if not self._waiting or len(self._running) >= self.max_running:
+            return None
+        r = self._waiting[0]
+        prefix_blocks = 0 if r.task in self.kv.prefixes else self.kv.blocks_needed(self._prompt_len(r.task))
+        own = self.kv.blocks_needed(r.num_tokens)
+        if prefix_blocks + own > self.kv.num_free + self.kv.evictable(r.task) or not self._ensure_prefix(r.task):
+            return None
+        if r.task in self.kv.prefixes:
+            self.kv.acquire(r.task)
+        r.blocks = self.kv.allocate(own, keep=r.task)
+        r.admitted = True
+        self._waiting.popleft()
+        self._running.append(r)
+        return r
+
+    def _schedule(self) -> tuple[list[tuple[_Running, int]], list[_Running]]:
+        """This step's work: prefill chunks ``(request, tokens)`` and decoding requests. Decode rows
+        come first in the token budget, then the running prefills' next chunks, then new requests."""
+        self._grow()
+        decode = [r for r in self._running if r.pending == 1]
+        budget = self.max_batch_tokens - len(decode)
+        prefill = []
+        for r in self._running:
+            if r.pending > 1 and budget > 0:
+                prefill.append((r, min(r.pending, budget)))
+                budget -= prefill[-1][1]
+        while budget > 0 and (r := self._admit()) is not None:
+            if r.pending == 1:
+                decode.append(r)
+                budget -= 1
+            else:
+                prefill.append((r, min(r.pending, budget)))
+                budget -= prefill[-1][1]
+        return prefill, decode
+
+    def _plan(self, prefill: list[tuple[_Running, int]], decode: list[_Running]):
+        """Host planning of one step: the packed stream's token ids and positions, and the plan."""
+        kv, bs = self.kv, self.kv.block_size
+        ids, positions, write, seqlens = [], [], [], []
+        contexts, context_of, prefill_context = [], {}, []
+        for r, n in prefill:
+            L = kv.prefixes[r.task].length if r.task in kv.prefixes else 0
+            ids += r.tokens[r.length : r.length + n]
+            positions += range(L + r.length, L + r.length + n)
+            write += kv.slots(r.blocks, r.length, r.length + n)
             seqlens.append(n)
-        slots = max((r.slot for r in decode), default=-1) + 1
-        cache_lens = [1] * slots
-        slot_prefix = [-1] * slots
+            key = r.task if r.length == 0 else r.request_id  # first chunks of a task share its prefix
+            if L + r.length == 0:
+                prefill_context.append(-1)
+                continue
+            if key not in context_of:
+                context_of[key] = len(contexts)
+                rows = kv.slots(kv.prefixes[r.task].blocks, 0, L) if L else []
+                contexts.append(rows + kv.slots(r.blocks, 0, r.length))
+            prefill_context.append(context_of[key])
+        tables, prefix_index, prefix_tables, prefix_lens, decode_prefix = [], {}, [], [], []
         for r in decode:
-            ids.append(r.generated[-1])
-            positions.append(prompt_len[r.task] + r.length)
-            write_slot.append(r.slot)
-            write_pos.append(r.length)
-            cache_lens[r.slot] = r.length + 1
-            slot_prefix[r.slot] = pool_index.get(r.task, -1)
-        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        plan = _StepPlan(
-            "step", num_prefill=sum(seqlens),
-            prefill_cu=F.pad(as_long(seqlens).cumsum(0), (1, 0)).to(torch.int32),
-            prefill_prefix=as_long([pool_index.get(r.task, -1) for r in prefill]),
-            write_slot=as_long(write_slot), write_pos=as_long(write_pos),
-            decode_rows=as_long([r.slot for r in decode]),
-            cache_lens=as_long(cache_lens), slot_prefix=as_long(slot_prefix),
-        )
-        # rows whose logits are needed: each prefill sequence's last token, every decode token
-        last = torch.cat([plan.prefill_cu[1:].long() - 1, torch.arange(plan.num_prefill, len(ids), device=dev)])
-        embeds = self.model.get_input_embeddings()(as_long(ids))
-        return embeds, as_long(positions), plan, last
+            L = kv.prefixes[r.task].length if r.task in kv.prefixes else 0
+            ids.append(r.generated[-1] if r.generated else r.input_ids[-1])
+            positions.append(L + r.length)
+            write += kv.slots(r.blocks, r.length, r.length + 1)
+            tables.append(r.blocks)
+            if L and r.task not in prefix_index:
+                prefix_index[r.task] = len(prefix_tables)
+                prefix_tables.append(kv.prefixes[r.task].blocks)
+                prefix_lens.append(L)
+            decode_prefix.append(prefix_index.get(r.task, -1))
+        plan = _StepPlan(self._rows(write), num_prefill=sum(seqlens))
+        if prefill:
+            plan.prefill_cu = torch.tensor([0, *_cumsum(seqlens)], dtype=torch.int32, device=self.device)
+            if contexts:
+                plan.context = self._rows(_padded(contexts, 0))
+                plan.context_lens = self._rows([len(c) for c in contexts])
+                plan.prefill_context = self._rows(prefill_context)
+        if decode:
+            plan.block_tables = torch.tensor(_padded(tables, -1), dtype=torch.int32, device=self.device)
+            plan.cache_lens = self._rows([r.length + 1 for r in decode])
+            if prefix_tables:
+                plan.prefix_tables = torch.tensor(_padded(prefix_tables, -1), dtype=torch.int32, device=self.device)
+                plan.prefix_lens = self._rows(prefix_lens)
+                plan.decode_prefix = self._rows(decode_prefix)
+        # rows whose logits are needed: the last token of each prefill that completes its request's
+        # tokens, every decode token
+        last, ends = [], _cumsum(seqlens)
+        for (r, n), end in zip(prefill, ends):
+            if r.length + n == r.num_tokens:
+                last.append(end - 1)
+        last += range(plan.num_prefill, len(ids))
+        return self._rows(ids), self._rows(positions), plan, self._rows(last)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Running]) -> list[int]:
         """One token per row: argmax for greedy requests (one batched call), seeded sampling otherwise."""
@@ -463,77 +601,122 @@ class MultiTaskEngine:
             tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         return tokens
 
-    def _advance(self, r: _Running, token: int, now: float) -> Update:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, rows: list[_Running], tokens: list[int]) -> dict[int, tuple]:
+        """Row -> (log-probability of its token, top alternatives) for requests that asked for them."""
+        want = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        if not want:
+            return {}
+        logp = torch.log_softmax(logits[want].float(), -1)
+        k = max(rows[i].request.logprobs for i in want)
+        top_v, top_i = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+        chosen = logp[torch.arange(len(want)), torch.tensor([tokens[i] for i in want])].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        out = {}
+        for j, i in enumerate(want):
+            n = rows[i].request.logprobs
+            out[i] = (chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+        return out
+
+    def _detokenize(self, r: _Running, final: bool) -> None:
+        """Extend ``r.text`` with the generated tokens' new text, decoding only a window of recent
+        tokens (the window's first tokens give the tokenizer its context, e.g. a leading space); text
+        ending in an incomplete character waits for the next token unless ``final``."""
+        dec = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = dec(r.generated[r.offset : r.read])
+        after = dec(r.generated[r.offset :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            r.text += after[len(before):]
+            r.offset, r.read = r.read, len(r.generated)
+
+    @staticmethod
+    def _cut_at_stop(r: _Running, checked: int) -> bool:
+        """Cut ``r.text`` before the first stop string that text from ``checked`` on may complete."""
+        stops = r.request.stop
+        if not stops:
+            return False
+        tail = max(0, checked - max(map(len, stops)) + 1)
+        cuts = [i for i in (r.text.find(s, tail) for s in stops) if i >= 0]
+        if cuts:
+            r.text = r.text[: min(cuts)]
+        return bool(cuts)
+
+    def _advance(self, r: _Running, token: int, lp, now: float) -> Update:
         """Record ``token`` for ``r``; decide whether it finished; the update (with the streamed text)."""
         req = r.request
         r.generated.append(token)
+        if lp is not None:
+            r.logprobs.append(lp[0])
+            r.top_logprobs.append(lp[1])
         if r.first_token_time is None:
             r.first_token_time = now - r.submitted
-        text = self.tokenizer.decode(r.generated, skip_special_tokens=True) if (req.stop or r.stream) else None
+        incremental = bool(req.stop) or r.stream
+        cut = False
+        if incremental:
+            checked = len(r.text)
+            self._detokenize(r, final=False)
+            cut = self._cut_at_stop(r, checked)
         if token in self.eos_ids:
             r.finish_reason = "stop"
-        elif req.stop:
-            cuts = [text.find(s) for s in req.stop if s in text]
-            if cuts:
-                text, r.finish_reason = text[: min(cuts)], "stop"
-        if r.finish_reason is None and len(r.generated) >= req.max_new_tokens:
+        elif cut:
+            r.finish_reason = "stop"
+        elif len(r.generated) >= req.max_new_tokens:
             r.finish_reason = "length"
         result = None
         if r.finish_reason is not None:
-            if text is None:
-                text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-            result = Result(text, r.generated, len(r.input_ids), len(r.generated), r.finish_reason,
-                            r.first_token_time, now - r.submitted)
+            if not incremental:
+                r.text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+            elif not cut and r.read < len(r.generated):
+                checked = len(r.text)
+                self._detokenize(r, final=True)
+                if self._cut_at_stop(r, checked):
+                    r.finish_reason = "stop"
+            lps = (r.logprobs, r.top_logprobs) if req.logprobs is not None else (None, None)
+            result = Result(r.text, r.generated, len(r.input_ids), len(r.generated), r.finish_reason,
+                            r.first_token_time, now - r.submitted, *lps)
         delta = ""
         if r.stream:
-            end = len(text) if result is not None else len(text) - _unsettled(text, req.stop)
-            delta = text[r.sent:end]
+            end = len(r.text) if result is not None else len(r.text) - _unsettled(r.text, req.stop)
+            delta = r.text[r.sent:end]
             r.sent = max(r.sent, end)
-        return Update(r.request_id, token, delta, result)
+        return Update(r.request_id, token, delta, result, *(lp if lp is not None else (None, None)))
 
     @torch.no_grad()
     def step(self) -> list[Update]:
-        """Run one model step: admit waiting requests (first come, first served, while a slot is free
-        and their input fits in the token budget the decode rows leave), prefill them and decode one
-        token for every running request. Returns one :class:`Update` per request that got a token, in
-        stream order; [] when nothing is submitted. If the model raises, the admitted requests go back
-        to the front of the queue and the error propagates."""
+        """Run one model step: grow or preempt (see the module docstring), admit waiting requests
+        while a slot, blocks and the token budget last, prefill a chunk of every prefilling request
+        and decode one token for every decoding request. Returns one :class:`Update` per request that
+        got a token, in stream order; [] when nothing is submitted. If the model raises, no request's
+        state moves (the next step redoes the work) and the error propagates."""
         if not self._by_id:
             return []
-        decode = self._running
-        budget = self.max_batch_tokens - len(decode)
-        prefill = []
-        try:
-            while self._waiting and self._free and len(self._waiting[0].input_ids) <= budget:
-                r = self._waiting.popleft()
-                r.slot = heapq.heappop(self._free)
-                prefill.append(r)
-                budget -= len(r.input_ids)
-                self._ensure_prefix(r.task)
-            embeds, positions, plan, last = self._plan(prefill, decode)
-            hidden = self._run_body(embeds, positions, plan)
-            tokens = self._sample(self.model.lm_head(hidden[last]), prefill + decode)
-        except BaseException:
-            self._requeue(prefill)
-            raise
+        prefill, decode = self._schedule()
+        embeds_ids, positions, plan, last = self._plan(prefill, decode)
+        hidden = self._run_body(self.model.get_input_embeddings()(embeds_ids), positions, plan)
+        sampled = [r for r, n in prefill if r.length + n == r.num_tokens] + decode
+        logits = self.model.lm_head(hidden[last])
+        tokens = self._sample(logits, sampled)
+        lps = self._logprobs(logits, sampled, tokens)
+        self._counters["prompt_tokens_total"] += plan.num_prefill
+        advanced = [(r, n) for r, n in prefill] + [(r, 1) for r in decode]
+        for r, n in advanced:
+            r.length += n
         now = time.perf_counter()
-        updates, running, rows = [], [], prefill + decode
-        for i, (r, token) in enumerate(zip(rows, tokens)):
+        updates = []
+        for i, (r, token) in enumerate(zip(sampled, tokens)):
             try:
-                r.length += len(r.input_ids) if i < len(prefill) else 1
-                update = self._advance(r, token, now)
-            except BaseException:  # e.g. the tokenizer failing on a token: leave the engine consistent
-                self._drop(r)
-                later = rows[i + 1 :]
-                self._requeue([w for w in later if w in prefill])
-                self._running = running + [w for w in later if w not in prefill]  # they redo this step's token
+                update = self._advance(r, token, lps.get(i), now)
+            except BaseException:  # e.g. the tokenizer failing on a token: drop r, the later ones redo the step
+                self.cancel(r.request_id)
+                later = set(sampled[i + 1 :])
+                for w, n in advanced:
+                    if w in later:
+                        w.length -= n
                 raise
+            self._counters["generated_tokens_total"] += 1
             updates.append(update)
-            if update.result is None:
-                running.append(r)
-            else:
-                self._drop(r)
-        self._running = running
+            if update.result is not None:
+                self.cancel(r.request_id)
         return updates
 
     def generate(self, requests: Sequence[Request], *, on_result=None) -> list[Result]:
@@ -564,6 +747,19 @@ class MultiTaskEngine:
             for rid in ids:  # after an error (or an interrupt) the engine is left idle
                 self.cancel(rid)
         return [results[i] for i in ids]
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def _padded(rows: list[list[int]], fill: int) -> list[list[int]]:
+    width = max(1, max(map(len, rows)))
+    return [row + [fill] * (width - len(row)) for row in rows]
 
 
 def _unsettled(text: str, stops: Sequence[str]) -> int:

@@ -451,7 +451,7 @@ class MPTTrainer:
         rows.update((r.name, self._row(r, self._lora_size(), scores[r.name])) for r in lora_runs if not r.k)
         if self.rank == 0:
             for r in trained:  # MPT and prompt-tuning prompts alike: PEFT adapters `mptkern serve` reads
-                prompts[r.name].to_peft(self.out / "adapters" / r.name)
+                prompts[r.name].to_peft(self.out / "adapters" / r.name, instructions={r.task.name: r.task.instruction})
         trained_lora = [r for r in lora_runs if r.k]
         if trained_lora:
             from peft import get_peft_model
@@ -486,7 +486,7 @@ class MPTTrainer:
         timed["teachers"], t0 = time.perf_counter() - t0, time.perf_counter()
         student = self.distill(teachers)
         if self.rank == 0:
-            student.to_peft(self.out / "student_adapter")
+            student.to_peft(self.out / "student_adapter", instructions={t.name: t.instruction for t in self.sources})
         timed["distill"], t0 = time.perf_counter() - t0, time.perf_counter()
         results = self.adapt_targets(student)
         timed["targets"] = time.perf_counter() - t0
