@@ -31,15 +31,20 @@ returns the EOS that ended a request, as HF does) and at max_new_tokens. The bat
 timed run are compared too and their agreement with the engine is reported: padding changes matmul
 shapes, which can flip a near-tie greedy pick, so that is reported, not fatal.
 
-Measured per contender, one timed pass over all requests after a warmup (``--repeats`` passes,
+Timed at each ``--concurrency`` level (default 1, 16 and 64 requests submitted at once: the first
+N of the task-interleaved stream, so 16 requests span 8 tasks), both contenders side by side in
+one run. Measured per contender and level, one timed pass after a warmup (``--repeats`` passes,
 median): throughput = tokens generated (what each request asked for, to EOS) per second of the
 pass; time to first token (TTFT) and time per output token (TPOT = (finish - first token) /
 (tokens - 1)) per request, from the start of the pass, medians over requests. HF per-step times come
-from a logits processor called once per decoding step. CPU: only ratios count. In the CSV,
+from a logits processor called once per decoding step. K/V memory: the engine's peak blocks in
+use during the pass (task prefixes included) against what the slab design it replaced allocated for
+the same requests (one ``max_len + max_new`` slab per request and each task's prefix K/V twice).
+CPU: only ratios count. In the CSV,
 ``throughput_vs_hf`` is the ratio to the same run's ``hf-generate`` row (rows before 2026-12-03:
 to ``hf-peft``, then the only HF contender).
 
-    python bench/bench_engine.py --device cpu            # 8 tasks x 32 requests, l = 100
+    python bench/bench_engine.py --device cpu --R 8      # 1, 16 and 64 concurrent requests, 8 tasks, l = 100
     python bench/bench_engine.py --small                 # smoke run
 """
 
@@ -176,7 +181,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-new", type=int, default=32)
     p.add_argument("--hf-batch", type=int, default=32,
                    help="HF: requests per generate call (one task each); 32 ran faster than 16 on CPU (results/engine.csv)")
-    p.add_argument("--max-running", type=int, default=256, help="engine: request slots")
+    p.add_argument("--max-running", type=int, default=256, help="engine: requests admitted at once")
+    p.add_argument("--concurrency", default="1,16,64",
+                   help="comma-separated request counts, each timed on its own (the first N of the task-interleaved "
+                        "stream); empty: all K x R requests at once")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="engine: stream rows per step")
     p.add_argument("--check", type=int, default=8, help="requests verified one by one before timing")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per contender (median)")
@@ -186,7 +194,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.small:
         args.K, args.R, args.l, args.min_new, args.max_new, args.check, args.hf_batch = 2, 4, 8, 4, 8, 2, 4
-        args.max_running = 8
+        args.max_running, args.concurrency = 8, "1,8"
     from peft import PeftModel
 
     from mptkern.models import load_default
@@ -239,46 +247,72 @@ def main(argv=None) -> int:
               f"(peft {importlib.metadata.version('peft')}, transformers {importlib.metadata.version('transformers')}):\n"
               f"  hf-peft:     {bad}\n  {BASELINE}: {good}")
 
-    # -- timing ------------------------------------------------------------------------------------
+    # -- timing: each concurrency level, both contenders side by side ------------------------------
     warm = reqs[: min(len(reqs), 2 * args.K)]
     for name in contenders:
         run[name](warm)
-    timed = {name: [] for name in contenders}
-    for rep in range(args.repeats):
-        for name in (contenders if rep % 2 == 0 else contenders[::-1]):
-            t0 = time.perf_counter()
-            runs = run[name](reqs, t0)
-            timed[name].append((time.perf_counter() - t0, runs))
-    stats, outputs = {}, {}
-    for name, passes in timed.items():
-        seconds, outputs[name] = sorted(passes, key=lambda x: x[0])[len(passes) // 2]
-        stats[name] = summarize(outputs[name], seconds)
-    base = stats[BASELINE]
+    levels = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [len(reqs)]
     rows = []
-    for name, s in stats.items():
-        agree = sum(a[0] == b[0] for a, b in zip(outputs[name], outputs["mptkern-engine"]))
-        rows.append(dict(op="multitask_generate", contender=name, K=args.K, requests=len(reqs), l=args.l,
-                         min_len=args.min_len, max_len=args.max_len, min_new=args.min_new, max_new=args.max_new,
-                         hf_batch=args.hf_batch, max_running=args.max_running, dtype=args.dtype,
-                         tokens=s["tokens"], seconds=round(s["seconds"], 3), tokens_per_s=round(s["tokens_per_s"], 1),
-                         ttft_ms=round(s["ttft_ms"], 1), tpot_ms=round(s["tpot_ms"], 2),
-                         throughput_vs_hf=round(s["tokens_per_s"] / base["tokens_per_s"], 3),
-                         identical_requests=agree))
+    for level in levels:
+        level_reqs = reqs[:level]  # tasks interleaved: 16 requests span 8 tasks
+        timed = {name: [] for name in contenders}
+        peak_blocks = 0
+        for rep in range(args.repeats):
+            for name in (contenders if rep % 2 == 0 else contenders[::-1]):
+                engine.kv.peak_used = engine.kv.num_used  # the peak of this pass (prefixes stay cached)
+                t0 = time.perf_counter()
+                runs = run[name](level_reqs, t0)
+                timed[name].append((time.perf_counter() - t0, runs))
+                if name == "mptkern-engine":
+                    peak_blocks = max(peak_blocks, engine.kv.peak_used)
+        stats, outputs = {}, {}
+        for name, passes in timed.items():
+            seconds, outputs[name] = sorted(passes, key=lambda x: x[0])[len(passes) // 2]
+            stats[name] = summarize(outputs[name], seconds)
+        base = stats[BASELINE]
+        kv_mib = peak_blocks * engine.metrics()["kv_block_bytes"] / 2**20
+        slab_mib = slab_bytes(model, len(level_reqs), max_seq, {k for k, _, _ in level_reqs}, args.l, dtype) / 2**20
+        for name, s in stats.items():
+            agree = sum(a[0] == b[0] for a, b in zip(outputs[name], outputs["mptkern-engine"]))
+            engine_row = name == "mptkern-engine"
+            rows.append(dict(op="multitask_generate", contender=name, K=len({k for k, _, _ in level_reqs}),
+                             requests=len(level_reqs), l=args.l, min_len=args.min_len, max_len=args.max_len,
+                             min_new=args.min_new, max_new=args.max_new, hf_batch=args.hf_batch,
+                             max_running=args.max_running, dtype=args.dtype,
+                             tokens=s["tokens"], seconds=round(s["seconds"], 3), tokens_per_s=round(s["tokens_per_s"], 1),
+                             ttft_ms=round(s["ttft_ms"], 1), tpot_ms=round(s["tpot_ms"], 2),
+                             throughput_vs_hf=round(s["tokens_per_s"] / base["tokens_per_s"], 3),
+                             tpot_vs_hf=round(s["tpot_ms"] / base["tpot_ms"], 3),
+                             identical_requests=agree,
+                             kv_peak_mib=round(kv_mib, 2) if engine_row else "",
+                             slab_kv_mib=round(slab_mib, 2) if engine_row else ""))
     harness.append_rows(args.out, rows, args.device)
-    print(f"multi-task generation, SmolLM2-135M, K={args.K} tasks x {args.R} requests, l={args.l}, inputs "
-          f"{args.min_len}-{args.max_len} tokens, {args.min_new}-{args.max_new} new tokens, greedy, {args.dtype} "
-          f"on {harness.device_name(args.device)}")
-    print(f"{'contender':<16} {'tokens':>7} {'s':>8} {'tokens/s':>9} {'vs ' + BASELINE:>14} {'TTFT ms':>9} {'TPOT ms':>8} "
-          f"{'= engine':>9}")
+    print(f"multi-task generation, SmolLM2-135M, l={args.l}, inputs {args.min_len}-{args.max_len} tokens, "
+          f"{args.min_new}-{args.max_new} new tokens, greedy, {args.dtype} on {harness.device_name(args.device)}")
+    print(f"{'contender':<16} {'reqs':>5} {'K':>3} {'tokens':>7} {'s':>8} {'tokens/s':>9} {'thr vs HF':>10} "
+          f"{'TTFT ms':>9} {'TPOT ms':>8} {'TPOT vs HF':>11} {'= engine':>9} {'KV MiB':>8} {'slab MiB':>9}")
     for r in rows:
-        print(f"{r['contender']:<16} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['throughput_vs_hf']:>14.2f} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>8.2f} "
-              f"{r['identical_requests']:>4}/{len(reqs)}")
+        print(f"{r['contender']:<16} {r['requests']:>5} {r['K']:>3} {r['tokens']:>7} {r['seconds']:>8.2f} "
+              f"{r['tokens_per_s']:>9.1f} {r['throughput_vs_hf']:>10.2f} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>8.2f} "
+              f"{r['tpot_vs_hf']:>11.2f} {r['identical_requests']:>4}/{r['requests']:<4} {r['kv_peak_mib']!s:>8} "
+              f"{r['slab_kv_mib']!s:>9}")
     print("'= engine': requests whose tokens equal the engine's; HF batches are left padded, and padding changes "
-          "matmul shapes, which can flip a near-tie greedy pick.")
+          "matmul shapes, which can flip a near-tie greedy pick. KV MiB: the engine's peak K/V blocks in the pass; "
+          "slab MiB: what the slab design this engine replaced allocated for the same requests (one max-length slab "
+          "per request, each task's prefix K/V held twice).")
     if not args.device.startswith("cuda"):
         print("CPU run: only the ratios measured side by side here count.")
     return 0
+
+
+def slab_bytes(model, requests, max_seq, tasks, l, dtype) -> int:
+    """K/V bytes of the slab design (before paging): ``layers x requests x Hkv x max_seq x D`` for K
+    and for V, plus every used task's prefix K/V twice (its capture and the padded pool)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return per_token * (requests * max_seq + 2 * len(tasks) * l)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,15 @@ class StageConfig:
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 50
 
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ValueError(f"steps and warmup_steps must be >= 0, got {self.steps} and {self.warmup_steps}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+
 
 @dataclasses.dataclass
 class DistillConfig:
