@@ -32,6 +32,23 @@ def test_round_trip_shape_dtype_metadata(tmp_path):
     assert meta["dtype"] == "float32" and meta["model_type"] == "llama"
     assert torch.equal(rows, prompt(torch.tensor([1]))[0].detach())
     assert torch.equal(rows, task_prompt_rows(prompt, 1))
+    assert meta["instruction"] is None
+
+
+def test_the_instruction_travels_for_the_input_format(tmp_path):
+    from safetensors.torch import save_file
+
+    prompt = multi()
+    path = export_prompt_embeds(prompt, "qa", tmp_path / "qa.safetensors", instruction="Answer the question.")
+    rows, meta = load_prompt_embeds(path)
+    assert meta["instruction"] == "Answer the question." and "input_format" not in meta
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+    save_file({KEY: rows}, tmp_path / "old.safetensors", metadata={**raw, "mptkern.input_format": "v0"})
+    with pytest.raises(ValueError, match="input format"):
+        load_prompt_embeds(tmp_path / "old.safetensors")
+    with pytest.raises(TypeError, match="instruction must be a string"):
+        export_prompt_embeds(prompt, "qa", tmp_path / "x.safetensors", instruction=3)
 
 
 def test_model_dtype_and_explicit_dtype(tmp_path):

@@ -10,20 +10,22 @@ serves every task: the task lives in the rows each request carries.
 Export once per task (on the training machine)::
 
     from mptkern.serve.export import export_prompt_embeds
-    export_prompt_embeds(prompt, "triage", "triage.safetensors", model=model)   # (l, d) in the model dtype
+    export_prompt_embeds(prompt, "triage", "triage.safetensors", model=model,   # (l, d) in the model dtype
+                         instruction=task.instruction)   # the instruction it was trained with
 
 Use with vLLM (on the serving machine; needs the same base model's input embedding table)::
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
+    from mptkern.data import InputFormat
     from mptkern.serve.export import build_prompt_embeds, load_prompt_embeds
 
-    rows, meta = load_prompt_embeds("triage.safetensors")          # meta["task"], meta["hidden_size"], ...
+    rows, meta = load_prompt_embeds("triage.safetensors")          # meta["task"], meta["instruction"], ...
     tok = AutoTokenizer.from_pretrained(BASE)
     embedding = AutoModelForCausalLM.from_pretrained(BASE, torch_dtype=rows.dtype).get_input_embeddings()
     llm = LLM(model=BASE, enable_prompt_embeds=True, dtype=str(rows.dtype).removeprefix("torch."))
-    ids = tok.encode("Patient denies chest pain.", add_special_tokens=False)
+    ids = InputFormat(tok).source(meta["instruction"], "Patient denies chest pain.")[0]   # as in training
     out = llm.generate({"prompt_embeds": build_prompt_embeds(rows, embedding, ids)},
                        SamplingParams(temperature=0, max_tokens=32))
 
@@ -39,10 +41,15 @@ Relied on (vLLM docs, "Prompt Embedding Inputs", v0.9-v0.11 and stable): ``Embed
 ``prompt_embeds`` of shape ``(sequence_length, hidden_size)``; ``LLM(..., enable_prompt_embeds=True)``;
 ``--enable-prompt-embeds`` for ``vllm serve``. Not tested here against a vLLM install.
 
+The input after the prompt rows must be formatted as in training (``InputFormat.source``: the
+task's instruction, the input, the answer cue), or the prompt answers an input it never saw; the
+file records the instruction for that.
+
 File format: safetensors with one tensor ``prompt_embeds`` ``(l, d)`` and string metadata
 ``mptkern.task``, ``mptkern.hidden_size``, ``mptkern.prompt_len``, ``mptkern.dtype`` (e.g.
-``"bfloat16"``), ``mptkern.format`` (``"prompt_embeds/1"``) and, when a model was given,
-``mptkern.model_type`` and ``mptkern.base_model``.
+``"bfloat16"``), ``mptkern.format`` (``"prompt_embeds/1"``), when a model was given
+``mptkern.model_type`` and ``mptkern.base_model``, and when an instruction was given
+``mptkern.instruction`` and ``mptkern.input_format`` (:data:`mptkern.data.schema.INPUT_FORMAT`).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mptkern.data.schema import INPUT_FORMAT
 from mptkern.prompts import _atomic_write
 
 KEY = "prompt_embeds"
@@ -94,14 +102,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def export_prompt_embeds(prompt, task: int | str, path: str | os.PathLike, *, model: nn.Module | None = None,
-                         dtype: torch.dtype | None = None) -> Path:
+                         dtype: torch.dtype | None = None, instruction: str | None = None) -> Path:
     """Write ``task``'s prompt rows as an ``(l, d)`` ``prompt_embeds`` tensor to a safetensors file
     (atomically) and return its path.
 
     ``model``: the base model the prompt was trained for; its hidden size must equal the prompt's
     (ValueError otherwise) and its input embedding dtype is the default ``dtype`` (vLLM wants the
     model dtype). Without a model the default dtype is the prompt's. The task name in the metadata
-    is ``task`` when it is a name, else the module's name for that id (or the id as text)."""
+    is ``task`` when it is a name, else the module's name for that id (or the id as text).
+    ``instruction``: the instruction the task's inputs were formatted with in training, recorded so a
+    server can format requests the same way."""
     rows = task_prompt_rows(prompt, task)
     module = prompt[0] if isinstance(prompt, tuple) else prompt
     task_id = task if isinstance(task, int) and not isinstance(task, bool) else None
@@ -122,6 +132,10 @@ def export_prompt_embeds(prompt, task: int | str, path: str | os.PathLike, *, mo
         dtype = dtype or model.get_input_embeddings().weight.dtype
         metadata["mptkern.model_type"] = str(getattr(model.config, "model_type", ""))
         metadata["mptkern.base_model"] = str(getattr(model.config, "_name_or_path", "") or "")
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        metadata["mptkern.instruction"], metadata["mptkern.input_format"] = instruction, INPUT_FORMAT
     dtype = dtype or rows.dtype
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
@@ -133,9 +147,10 @@ def export_prompt_embeds(prompt, task: int | str, path: str | os.PathLike, *, mo
 
 def load_prompt_embeds(path: str | os.PathLike, *, device: str | torch.device | None = None) -> tuple[torch.Tensor, dict]:
     """Read a file written by :func:`export_prompt_embeds`: ``(rows (l, d), metadata)``, where
-    metadata holds ``task`` (str), ``hidden_size``, ``prompt_len`` (int), ``dtype`` (str) and, when
-    present, ``model_type`` and ``base_model``. Raises ValueError for another kind of file or a
-    tensor that does not match its metadata."""
+    metadata holds ``task`` (str), ``hidden_size``, ``prompt_len`` (int), ``dtype`` (str), when
+    present ``model_type`` and ``base_model``, and ``instruction`` (None when not recorded). Raises
+    ValueError for another kind of file, a tensor that does not match its metadata, or an input
+    format this version does not know."""
     with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:
         raw = f.metadata() or {}
         if raw.get("mptkern.format") != FORMAT or KEY not in f.keys():
@@ -143,6 +158,9 @@ def load_prompt_embeds(path: str | os.PathLike, *, device: str | torch.device | 
         rows = f.get_tensor(KEY)
     meta = {k.removeprefix("mptkern."): v for k, v in raw.items() if k.startswith("mptkern.") and k != "mptkern.format"}
     meta["hidden_size"], meta["prompt_len"] = int(meta["hidden_size"]), int(meta["prompt_len"])
+    meta.setdefault("instruction", None)
+    if meta["instruction"] is not None and meta.pop("input_format", None) != INPUT_FORMAT:
+        raise ValueError(f"{os.fspath(path)}: its input format is not {INPUT_FORMAT!r}, the one this mptkern formats with")
     if rows.dim() != 2 or tuple(rows.shape) != (meta["prompt_len"], meta["hidden_size"]) or _dtype_name(rows.dtype) != meta["dtype"]:
         raise ValueError(f"{os.fspath(path)}: tensor {rows.dtype} {tuple(rows.shape)} does not match its metadata {meta}")
     return rows, meta
