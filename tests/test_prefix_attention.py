@@ -285,6 +285,19 @@ DECODE_CASES = [
 ]
 
 
+def _decode_inputs(case, g):
+    """q, caches, prefixes, prefix ids, prefix lengths (None: Lp) and sinks of a DECODE_CASES row, drawn from g."""
+    n, S, P, Lp, hq, hkv, dim, pids, plens, window, sinks = case
+    B = len(n)
+    q = torch.randn(B, hq, dim, generator=g)
+    kc, vc = torch.randn(B, S, hkv, dim, generator=g), torch.randn(B, S, hkv, dim, generator=g)
+    pk, pv = (torch.randn(P, Lp, hkv, dim, generator=g) for _ in range(2)) if P else (None, None)
+    ids = torch.tensor(pids) if P else None
+    lens = torch.tensor(plens) if plens else None
+    s = torch.randn(hq, generator=g) if sinks else None
+    return q, kc, vc, pk, pv, ids, lens, s
+
+
 @pytest.mark.parametrize("head_major", [False, True], ids=["token-major", "head-major"])
 @pytest.mark.parametrize("splits", [1, 64], ids=["one-split", "split-k"])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"n{c[0]}-Lp{c[3]}-g{c[4] // c[5]}-d{c[6]}-w{c[9]}-s{int(c[10])}")
@@ -296,13 +309,7 @@ def test_decode_is_the_last_row_of_prefill(case, splits, head_major, backend, mo
     monkeypatch.setattr(MOD, "DECODE_TARGET_PROGRAMS", splits)
     n, S, P, Lp, hq, hkv, dim, pids, plens, window, sinks = case
     g = torch.Generator().manual_seed(7)
-    B = len(n)
-    q = torch.randn(B, hq, dim, generator=g)
-    kc, vc = torch.randn(B, S, hkv, dim, generator=g), torch.randn(B, S, hkv, dim, generator=g)
-    pk, pv = (torch.randn(P, Lp, hkv, dim, generator=g) for _ in range(2)) if P else (None, None)
-    ids = torch.tensor(pids) if P else None
-    lens = torch.tensor(plens) if plens else None
-    s = torch.randn(hq, generator=g) if sinks else None
+    q, kc, vc, pk, pv, ids, lens, s = _decode_inputs(case, g)
     if head_major:
         kc, vc, pk, pv = (None if t is None else t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kc, vc, pk, pv))
         assert hkv == 1 or not kc.is_contiguous()
@@ -326,6 +333,191 @@ def test_decode_bad_input():
         prefix_attention_decode(q, kc, kc, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="heads"):
         prefix_attention_decode(torch.randn(2, 3, 16), kc, kc, torch.tensor([1, 2]))
+
+
+# paged layout: the same cases scattered into pools of shuffled blocks
+def _scatter_into_pool(seqs, block_size, g):
+    """One K and one V pool of shuffled blocks holding every (k, v) pair of ``seqs`` (rows (n, Hkv, D)),
+    and each pair's list of block ids. Rows no sequence writes (a last block's tail, the spare
+    blocks) hold NaN, so that reading one shows."""
+    hkv, dim = seqs[0][0].shape[1:]
+    counts = [-(-k.shape[0] // block_size) for k, _ in seqs]
+    perm = torch.randperm(sum(counts) + 3, generator=g)  # 3 spare blocks nobody uses
+    pools = [torch.full((perm.numel(), block_size, hkv, dim), float("nan")) for _ in range(2)]
+    ids, at = [], 0
+    for (k, v), c in zip(seqs, counts):
+        blocks = perm[at : at + c]
+        at += c
+        j = torch.arange(k.shape[0])
+        for pool, rows in zip(pools, (k, v)):
+            pool[blocks[j // block_size], j % block_size] = rows
+        ids.append(blocks.tolist())
+    return pools[0], pools[1], ids
+
+
+def _tables(ids, dtype):
+    """(rows, max blocks + 1) tables padded with -1, and one padding entry far out of range."""
+    t = torch.full((len(ids), max(map(len, ids)) + 1), -1, dtype=dtype)
+    for r, row in enumerate(ids):
+        t[r, : len(row)] = torch.tensor(row, dtype=dtype)
+    t[0, -1] = 10**6
+    return t
+
+
+PAGED_CASES = DECODE_CASES[:3] + [
+    # cache_lens and prefix lengths on block edges: 4 divides them all, 6 and 16 some
+    ([16, 48, 24, 32], 48, 2, 48, 4, 1, 16, [1, -1, 0, 0], [48, 24], 40, False),
+]
+
+
+# (block size, head-major pool, table dtype): a size not a power of two, both pool layouts, int64 tables
+PAGED_LAYOUTS = [(4, False, torch.int32), (6, True, torch.int64), (16, False, torch.int64), (16, True, torch.int32)]
+
+
+@pytest.mark.parametrize("layout", PAGED_LAYOUTS, ids=lambda c: f"bs{c[0]}-{'head' if c[1] else 'token'}-major-{str(c[2])[6:]}")
+@pytest.mark.parametrize("splits", [1, 64], ids=["one-split", "split-k"])
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: f"n{c[0]}-Lp{c[3]}-g{c[4] // c[5]}-d{c[6]}-w{c[9]}-s{int(c[10])}")
+def test_decode_paged_equals_dense(case, splits, layout, backend, monkeypatch):
+    """The dense case's caches and prefixes scattered into one pool of shuffled blocks (the prefixes'
+    blocks among the caches', as an engine keeps them): the same output and LSE. head_major: the
+    pool stored (num_blocks, Hkv, block_size, D), passed as its transpose(1, 2) view."""
+    block_size, head_major, dtype = layout
+    if backend == "torch" and splits > 1:
+        pytest.skip("split-K is the triton kernel's")
+    monkeypatch.setattr(MOD, "DECODE_TARGET_PROGRAMS", splits)
+    n, S, P, Lp, hq, hkv, dim, pids, plens, window, sinks = case
+    g = torch.Generator().manual_seed(11)
+    B = len(n)
+    q, kc, vc, pk, pv, ids, lens, s = _decode_inputs(case, g)
+    if P and lens is None:
+        lens = torch.full((P,), Lp)  # paged prefixes need their lengths
+    dense = prefix_attention_decode(q, kc, vc, torch.tensor(n), pk, pv, ids, prefix_lens=lens, window=window, sinks=s,
+                                    return_lse=True, backend=backend)
+
+    seqs = [(kc[b, :m], vc[b, :m]) for b, m in enumerate(n)] + [(pk[p, :m], pv[p, :m]) for p, m in enumerate(lens.tolist() if P else [])]
+    pool_k, pool_v, blocks = _scatter_into_pool(seqs, block_size, g)
+    if head_major:
+        pool_k, pool_v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (pool_k, pool_v))
+        assert hkv == 1 or not pool_k.is_contiguous()
+    tables = _tables(blocks[:B], dtype)
+    ptables = _tables(blocks[B:], dtype) if P else None
+    paged = prefix_attention_decode(q, pool_k, pool_v, torch.tensor(n), pool_k if P else None, pool_v if P else None, ids,
+                                    prefix_lens=lens, block_tables=tables, prefix_block_tables=ptables, window=window,
+                                    sinks=s, return_lse=True, backend=backend)
+    for got, want in zip(paged, dense):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_paged_shipped_tiles_bf16(monkeypatch):
+    """bf16 with the GPU's decode tiles (64 keys): each tile spans blocks of 6 rows from all over the pool."""
+    _triton_or_skip()
+    monkeypatch.setattr(MOD, "INTERPRET_BLOCK", None)
+    g = torch.Generator().manual_seed(12)
+    n, hq, hkv, dim, plens = [130, 7, 64], 8, 2, 64, [100, 6]
+    q = torch.randn(3, hq, dim, generator=g).bfloat16()
+    kc, vc = (torch.randn(3, 130, hkv, dim, generator=g).bfloat16() for _ in range(2))
+    pk, pv = (torch.randn(2, 100, hkv, dim, generator=g).bfloat16() for _ in range(2))
+    ids, lens, s = torch.tensor([0, 1, 0]), torch.tensor(plens), torch.randn(hq, generator=g)
+    dense = prefix_attention_decode(q, kc, vc, torch.tensor(n), pk, pv, ids, prefix_lens=lens, sinks=s, window=150,
+                                    return_lse=True, backend="triton")
+    seqs = [(kc[b, :m], vc[b, :m]) for b, m in enumerate(n)] + [(pk[p, :m], pv[p, :m]) for p, m in enumerate(plens)]
+    pool_k, pool_v, blocks = _scatter_into_pool([(k.float(), v.float()) for k, v in seqs], 6, g)
+    pool_k, pool_v = pool_k.bfloat16(), pool_v.bfloat16()
+    paged = prefix_attention_decode(q, pool_k, pool_v, torch.tensor(n), pool_k, pool_v, ids, prefix_lens=lens,
+                                    block_tables=_tables(blocks[:3], torch.int32), prefix_block_tables=_tables(blocks[3:], torch.int32),
+                                    sinks=s, window=150, return_lse=True, backend="triton")
+    torch.testing.assert_close(paged[0], dense[0])
+    torch.testing.assert_close(paged[1], dense[1], atol=2e-6, rtol=1e-5)
+
+
+def _paged_args():
+    """A valid paged step: B=2, pool of 5 blocks of 4 rows, Hkv=2; sequences of 5 and 3 keys; one
+    prefix of 6 keys in blocks 3 and 4 of the same pool."""
+    g = torch.Generator().manual_seed(13)
+    pool_k, pool_v = torch.randn(5, 4, 2, 16, generator=g), torch.randn(5, 4, 2, 16, generator=g)
+    return dict(q=torch.randn(2, 4, 16, generator=g), k_cache=pool_k, v_cache=pool_v, cache_lens=torch.tensor([5, 3]),
+                prefix_k=pool_k, prefix_v=pool_v, prefix_ids=torch.tensor([0, -1]), prefix_lens=torch.tensor([6]),
+                block_tables=torch.tensor([[0, 1], [2, -1]], dtype=torch.int32),
+                prefix_block_tables=torch.tensor([[3, 4]], dtype=torch.int32))
+
+
+META = torch.device("meta")  # a device other than q's, on any machine
+# the dense layout with the same shapes: slabs of S=8, two prefixes of 6 keys
+DENSE = dict(block_tables=None, prefix_block_tables=None, k_cache=torch.randn(2, 8, 2, 16), v_cache=torch.randn(2, 8, 2, 16),
+             prefix_k=torch.randn(2, 6, 2, 16), prefix_v=torch.randn(2, 6, 2, 16), prefix_lens=None)
+DECODE_BAD = [
+    # paged layout: shapes, dtypes, devices
+    (dict(block_tables=torch.tensor([[0.0, 1.0], [2.0, 3.0]])),
+     "block_tables must be an int32 (or int64) tensor of shape (B=2, max_blocks) on cpu"),
+    (dict(block_tables=torch.tensor([0, 1], dtype=torch.int32)), "block_tables must be an int32 (or int64) tensor of shape (B=2"),
+    (dict(block_tables=torch.zeros(3, 2, dtype=torch.int32)), "block_tables must be an int32 (or int64) tensor of shape (B=2"),
+    (dict(block_tables=torch.zeros(2, 2, dtype=torch.int32, device=META)), "got torch.int32 (2, 2) on meta"),
+    (dict(block_tables=torch.zeros(2, 0, dtype=torch.int32)), "block_tables must have at least one column"),
+    (dict(k_cache=torch.randn(5, 4, 32)),
+     "with block_tables, k_cache and v_cache must be pools of shape (num_blocks >= 1, block_size >= 1, Hkv, D=16)"),
+    (dict(v_cache=torch.randn(5, 8, 2, 16)), "must be pools of shape"),
+    (dict(k_cache=torch.randn(5, 4, 2, 16, dtype=torch.float64)), "k_cache is torch.float64"),
+    (dict(k_cache=torch.randn(5, 4, 3, 16), v_cache=torch.randn(5, 4, 3, 16)), "q's heads (4) must be a multiple of the cache's heads (3)"),
+    (dict(prefix_k=torch.randn(2, 5, 2, 16), prefix_v=torch.randn(2, 5, 2, 16), prefix_block_tables=None), "the prefix must be paged too"),
+    (dict(prefix_block_tables=torch.tensor([[3.0, 4.0]])),
+     "prefix_block_tables must be an int32 (or int64) tensor of shape (P=1, max_blocks)"),
+    (dict(prefix_block_tables=torch.tensor([3, 4], dtype=torch.int32)), "prefix_block_tables must be an int32 (or int64) tensor"),
+    (dict(prefix_block_tables=torch.zeros(1, 2, dtype=torch.int32, device=META)), "prefix_block_tables must be an int32 (or int64) tensor"),
+    (dict(prefix_lens=None), "with prefix_block_tables, prefix_lens (P,) is required"),
+    (dict(prefix_lens=torch.tensor([6, 2])), "prefix_lens must be an integer tensor of shape (P=1,)"),
+    (dict(prefix_k=torch.randn(5, 8, 2, 16), prefix_v=torch.randn(5, 8, 2, 16)),
+     "the prefix pools' block_size (8) must equal the cache pools' (4)"),
+    (dict(prefix_k=torch.randn(5, 4, 1, 16), prefix_v=torch.randn(5, 4, 1, 16)),
+     "prefix_k and prefix_v must have shape pools (num_blocks, block_size, Hkv=2, D=16)"),
+    (dict(prefix_k=None, prefix_v=None, prefix_ids=None, prefix_lens=None), "prefix_block_tables given without prefix_k"),
+    (dict(k_cache=torch.randn(2, 8, 2, 16), v_cache=torch.randn(2, 8, 2, 16), block_tables=None),
+     "prefix_block_tables given without block_tables"),
+    # values (CPU tensors only)
+    (dict(cache_lens=torch.tensor([0, 3])), "cache_lens must lie in [1, max_blocks * block_size=8], got values in [0, 3]"),
+    (dict(cache_lens=torch.tensor([9, 3])), "cache_lens must lie in [1, max_blocks * block_size=8], got values in [3, 9]"),
+    (dict(prefix_ids=torch.tensor([1, -1])), "prefix_ids must lie in [-1, 1)"),
+    (dict(prefix_ids=torch.tensor([0, -2])), "prefix_ids must lie in [-1, 1)"),
+    (dict(prefix_lens=torch.tensor([9])), "prefix_lens must lie in [0, max_prefix_blocks * block_size=8]"),
+    (dict(block_tables=torch.tensor([[0, -1], [2, -1]], dtype=torch.int32)), "block_tables[0, 1] = -1 is in use (row 0 holds 5 keys)"),
+    (dict(block_tables=torch.tensor([[0, 1], [5, -1]], dtype=torch.int32)),
+     "block_tables[1, 0] = 5 is in use (row 1 holds 3 keys) but is not a block of the pool [0, 5)"),
+    (dict(prefix_block_tables=torch.tensor([[3, 7]], dtype=torch.int32)), "prefix_block_tables[0, 1] = 7 is in use"),
+    # dense layout: the new value checks
+    (dict(DENSE, cache_lens=torch.tensor([0, 3])), "cache_lens must lie in [1, S=8], got values in [0, 3]"),
+    (dict(DENSE, cache_lens=torch.tensor([9, 3])), "cache_lens must lie in [1, S=8], got values in [3, 9]"),
+    (dict(DENSE, prefix_ids=torch.tensor([2, 0])), "prefix_ids must lie in [-1, 2)"),
+]
+
+
+@pytest.mark.parametrize("override,message", DECODE_BAD, ids=[m for _, m in DECODE_BAD])
+def test_decode_paged_bad_input(override, message):
+    args = _paged_args()
+    prefix_attention_decode(**args)  # the base case is valid
+    args.update(override)
+    with pytest.raises(ValueError) as info:
+        prefix_attention_decode(**args, backend="torch")
+    assert message in str(info.value)
+
+
+def test_decode_paged_torch_path_makes_no_host_sync():
+    """On meta tensors (no values) any host read raises: validation and the paged torch path read none.
+    The dense path reads the largest cache length, and fails there."""
+    args = {k: (v.to(META) if torch.is_tensor(v) else v) for k, v in _paged_args().items()}
+    out, lse = prefix_attention_decode(**args, window=3, sinks=torch.zeros(4, device=META), return_lse=True, backend="torch")
+    assert out.shape == (2, 4, 16) and lse.shape == (2, 4) and out.device == META
+    dense = dict(args, k_cache=torch.zeros(2, 8, 2, 16, device=META), v_cache=torch.zeros(2, 8, 2, 16, device=META),
+                 prefix_k=None, prefix_v=None, prefix_ids=None, prefix_lens=None, block_tables=None, prefix_block_tables=None)
+    with pytest.raises(RuntimeError, match="meta"):
+        prefix_attention_decode(**dense, backend="torch")
+
+
+def test_opcheck_triton_decode_op_paged():
+    _triton_or_skip()
+    a = _paged_args()
+    args = (a["q"], a["k_cache"], a["v_cache"], a["cache_lens"], a["prefix_k"], a["prefix_v"], a["prefix_ids"].to(torch.int32),
+            a["prefix_lens"].to(torch.int32), None, 0.25, 3, a["block_tables"], a["prefix_block_tables"])
+    torch.library.opcheck(torch.ops.mptkern.prefix_attention_decode.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------------------------

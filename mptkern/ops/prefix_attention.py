@@ -25,7 +25,9 @@ and never O(N^2) over the packed batch) and ``triton`` (the CUDA default; CPU te
   give bit-identical gradients. dsinks = -sum_q exp(sink - lse_q) * Delta_q.
 * decode: split-K over the virtual key range [prefix | cache] with one program per (sequence,
   KV head, split) holding the whole GQA group, then a combine kernel that merges the splits by
-  their LSE and adds the sink once.
+  their LSE and adds the sink once. The caches are dense per-sequence slabs, or (PAGED) pools of
+  blocks read through block tables: each key row's block is looked up in the sequence's (or its
+  prefix's) table.
 
 LSEs are natural-log fp32 everywhere they leave a kernel (base-2 only inside).
 """
@@ -438,15 +440,19 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        Q, KC, VC, PK, PV, LENS, PIDS, PLENS, OPART, LPART,
-        sq_b, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, spk_p, spk_l, spk_h, spv_p, spv_l, spv_h,
-        n_heads, sm_scale, window, group, chunk, nsplit,
-        HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        Q, KC, VC, PK, PV, LENS, PIDS, PLENS, BT, PBT, OPART, LPART,
+        sq_b, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, spk_p, spk_l, spk_h, spv_p, spv_l, spv_h, bt_b, pbt_p,
+        n_heads, sm_scale, window, group, chunk, nsplit, block_size,
+        HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """One (sequence, KV head, split): the GQA group's queries against keys at virtual positions
         [lo + split * chunk, ...) of [prefix (L) | cache (n)]; the query sits at position L + n - 1.
-        Writes the split's normalised output and base-2 LSE (-inf when the split is empty)."""
+        Writes the split's normalised output and base-2 LSE (-inf when the split is empty).
+
+        PAGED: KC/VC (and PK/PV) are pools of blocks, their ``_b`` (``_p``) strides per block and
+        ``_t`` (``_l``) per row within a block; row ``b`` of BT (row ``prefix_ids[b]`` of PBT) maps
+        the sequence's (its prefix's) key index // block_size to a block."""
         b = tl.program_id(0).to(tl.int64)
         hk = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
@@ -474,23 +480,43 @@ if triton is not None:
         m_i = tl.zeros([BLOCK_H], tl.float32) - 1.0e30
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-        kpb = PK + pid64 * spk_p + hk * spk_h
-        vpb = PV + pid64 * spv_p + hk * spv_h
-        kcb = KC + b * skc_b + hk * skc_h
-        vcb = VC + b * svc_b + hk * svc_h
+        if PAGED:  # the per-row block offsets carry the rest
+            kpb = PK + hk * spk_h
+            vpb = PV + hk * spv_h
+            kcb = KC + hk * skc_h
+            vcb = VC + hk * svc_h
+        else:
+            kpb = PK + pid64 * spk_p + hk * spk_h
+            vpb = PV + pid64 * spv_p + hk * spv_h
+            kcb = KC + b * skc_b + hk * skc_h
+            vcb = VC + b * svc_b + hk * svc_h
+        bt_row = BT + b * bt_b
+        pbt_row = PBT + pid64 * pbt_p
         offs_n = tl.arange(0, BLOCK_N)
         for t in range(s_lo, s_hi, BLOCK_N):
             pos = t + offs_n
             valid = pos < s_hi
             own = pos >= L
-            pr = pos[:, None]
-            cr = (pos - L)[:, None]
-            # a tile may straddle the prefix/cache boundary: two predicated loads, one per source
-            k = tl.load(kcb + (cr * skc_t + offs_d[None, :]), mask=(valid & own)[:, None], other=0.0)
-            v = tl.load(vcb + (cr * svc_t + offs_d[None, :]), mask=(valid & own)[:, None], other=0.0)
-            if HAS_PREFIX:
-                k += tl.load(kpb + (pr * spk_l + offs_d[None, :]), mask=(valid & ~own)[:, None], other=0.0)
-                v += tl.load(vpb + (pr * spv_l + offs_d[None, :]), mask=(valid & ~own)[:, None], other=0.0)
+            if PAGED:
+                # one table lookup and one load per row, from a block of the cache or of the prefix
+                # (without a prefix L = 0: every row is the cache's)
+                idx = tl.where(own, pos - L, pos)
+                j = idx // block_size
+                blk = tl.load(tl.where(own, bt_row, pbt_row) + j, mask=valid, other=0).to(tl.int64)
+                r = idx - j * block_size
+                kr = tl.where(own, kcb + (blk * skc_b + r * skc_t), kpb + (blk * spk_p + r * spk_l))
+                vr = tl.where(own, vcb + (blk * svc_b + r * svc_t), vpb + (blk * spv_p + r * spv_l))
+                k = tl.load(kr[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+                v = tl.load(vr[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            else:
+                pr = pos[:, None]
+                cr = (pos - L)[:, None]
+                # a tile may straddle the prefix/cache boundary: two predicated loads, one per source
+                k = tl.load(kcb + (cr * skc_t + offs_d[None, :]), mask=(valid & own)[:, None], other=0.0)
+                v = tl.load(vcb + (cr * svc_t + offs_d[None, :]), mask=(valid & own)[:, None], other=0.0)
+                if HAS_PREFIX:
+                    k += tl.load(kpb + (pr * spk_l + offs_d[None, :]), mask=(valid & ~own)[:, None], other=0.0)
+                    v += tl.load(vpb + (pr * spv_l + offs_d[None, :]), mask=(valid & ~own)[:, None], other=0.0)
             s = _mm(q, tl.trans(k), PREC, UPCAST) * scale2
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -676,9 +702,10 @@ def _prefix_attention_torch(q, k, v, cu, prefix_k, prefix_v, prefix_ids, prefix_
     return _TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, sinks, plan, scale, window)
 
 
-def _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks):
+def _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks, prefix_tables=None):
     """The checks prefill and decode share: the prefix tensors against q's dtype/device, ``B``
-    sequences and ``Hkv`` heads; the window; the sinks. Raises ValueError."""
+    sequences and ``Hkv`` heads; the window; the sinks. With ``prefix_tables`` (paged decode) the
+    prefix tensors are block pools and the tables' rows count the prefixes. Raises ValueError."""
     hq, dim = q.shape[1:]
 
     def fail(msg):
@@ -687,12 +714,14 @@ def _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, win
     if (prefix_k is None) != (prefix_v is None) or (prefix_k is None) != (prefix_ids is None):
         fail("prefix_k, prefix_v and prefix_ids must be given together")
     if prefix_k is not None:
+        layout = "(P, Lp" if prefix_tables is None else "pools (num_blocks, block_size"
         if prefix_k.dim() != 4 or prefix_k.shape[2:] != (hkv, dim) or prefix_v.shape != prefix_k.shape:
-            fail(f"prefix_k and prefix_v must have shape (P, Lp, Hkv={hkv}, D={dim}), got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
+            fail(f"prefix_k and prefix_v must have shape {layout}, Hkv={hkv}, D={dim}), "
+                 f"got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if t.dtype != q.dtype or t.device != q.device:
                 fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
-        P, Lp = prefix_k.shape[:2]
+        P = prefix_k.shape[0] if prefix_tables is None else prefix_tables.shape[0]
         if prefix_ids.shape != (B,) or prefix_ids.dtype.is_floating_point or prefix_ids.dtype == torch.bool:
             fail(f"prefix_ids must be an integer tensor of shape (B={B},), got {prefix_ids.dtype} {tuple(prefix_ids.shape)}")
         if prefix_lens is not None and (prefix_lens.shape != (P,) or prefix_lens.dtype.is_floating_point):
@@ -748,17 +777,19 @@ def _check_values(q, cu, prefix_k, prefix_ids, prefix_lens):
 
 
 def _check_prefix_values(prefix_k, prefix_ids, prefix_lens):
-    if prefix_k is None:
-        return
-    P, Lp = prefix_k.shape[:2]
+    if prefix_k is not None:
+        _check_prefix_ranges(prefix_k.shape[0], prefix_k.shape[1], prefix_ids, prefix_lens)
+
+
+def _check_prefix_ranges(P, Lp, prefix_ids, prefix_lens, lp_name="Lp"):
     if prefix_ids.numel():
         lo, hi = (int(x) for x in torch.aminmax(prefix_ids))
         if lo < -1 or hi >= P:
             raise ValueError(f"prefix_ids must lie in [-1, {P}) (-1: no prefix), got values in [{lo}, {hi}]")
-    if prefix_lens is not None:
+    if prefix_lens is not None and prefix_lens.numel():
         lo, hi = (int(x) for x in torch.aminmax(prefix_lens))
         if lo < 0 or hi > Lp:
-            raise ValueError(f"prefix_lens must lie in [0, Lp={Lp}]")
+            raise ValueError(f"prefix_lens must lie in [0, {lp_name}={Lp}]")
 
 
 
@@ -948,18 +979,32 @@ def _decode_splits(B, hkv, max_keys, block_n):
     return max(1, min(tiles, triton.cdiv(DECODE_TARGET_PROGRAMS, B * hkv)))
 
 
-def _decode_triton(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, sinks, scale, window):
+def _decode_triton(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, sinks, scale, window,
+                   block_tables=None, prefix_block_tables=None):
+    """Dense slabs, or (``block_tables`` given) pools of blocks read through int32 block tables. The
+    host knows only capacities (no sync): the split plan covers the longest possible key range,
+    ``S`` (``max_blocks * block_size`` paged) plus ``Lp`` (``max_prefix_blocks * block_size``)."""
     q, k_cache, v_cache, prefix_k, prefix_v = (_rowmajor(t) for t in (q, k_cache, v_cache, prefix_k, prefix_v))
     B, hq, dim = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
+    paged = block_tables is not None
     bh, bn, warps, stages = _config("decode", dim, q.dtype)
     bh = max(bh, triton.next_power_of_2(group))
     pk, pv, ids, plen_t, has_prefix = _prefix_args(q, prefix_k, prefix_v, prefix_ids, prefix_lens, k_cache[:, 0], v_cache[:, 0])
-    # the host knows only capacities (no sync): the split plan covers the longest possible range
+    # 32-bit offsets within a slab, or within a block (the kernel adds 64-bit block offsets)
     _check_offsets((k_cache.shape[1], max(k_cache.stride(1), v_cache.stride(1))),
                    *[(t.shape[1], t.stride(1)) for t in (prefix_k, prefix_v) if t is not None])
-    max_keys = k_cache.shape[1] + (prefix_k.shape[1] if has_prefix else 0)
+    if paged:
+        bt = block_tables.to(torch.int32).contiguous()
+        pbt = prefix_block_tables.to(torch.int32).contiguous() if has_prefix else bt
+        block_size = k_cache.shape[1]
+        own_cap, prefix_cap = bt.shape[1] * block_size, pbt.shape[1] * block_size if has_prefix else 0
+    else:
+        bt = pbt = ids  # never read
+        block_size = 1
+        own_cap, prefix_cap = k_cache.shape[1], prefix_k.shape[1] if has_prefix else 0
+    max_keys = own_cap + prefix_cap
     if window > 0:
         max_keys = min(max_keys, window)
     nsplit = _decode_splits(B, hkv, max_keys, bn)
@@ -967,12 +1012,12 @@ def _decode_triton(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_i
     opart = torch.empty(B, hq, nsplit, dim, dtype=torch.float32, device=q.device)
     lpart = torch.empty(B, hq, nsplit, dtype=torch.float32, device=q.device)
     _decode_kernel[(B, hkv, nsplit)](
-        q, k_cache, v_cache, pk, pv, cache_lens.to(torch.int32).contiguous(), ids, plen_t, opart, lpart,
+        q, k_cache, v_cache, pk, pv, cache_lens.to(torch.int32).contiguous(), ids, plen_t, bt, pbt, opart, lpart,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        pk.stride(0), pk.stride(1), pk.stride(2), pv.stride(0), pv.stride(1), pv.stride(2),
-        hq, scale, window, group, chunk, nsplit,
-        HAS_PREFIX=has_prefix, HAS_WINDOW=window > 0, BLOCK_H=bh, BLOCK_N=bn, HEAD_DIM=dim,
+        pk.stride(0), pk.stride(1), pk.stride(2), pv.stride(0), pv.stride(1), pv.stride(2), bt.stride(0), pbt.stride(0),
+        hq, scale, window, group, chunk, nsplit, block_size,
+        HAS_PREFIX=has_prefix, HAS_WINDOW=window > 0, PAGED=paged, BLOCK_H=bh, BLOCK_N=bn, HEAD_DIM=dim,
         PREC=_precision(q.dtype), UPCAST=backends.triton_interpret(), num_warps=warps, num_stages=stages,
     )
     out = torch.empty(B, hq, dim, dtype=q.dtype, device=q.device)
@@ -987,8 +1032,8 @@ def _decode_triton(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_i
 def aot_specs():
     """Every shipped kernel configuration, for the ahead-of-time compile check (:mod:`mptkern.aot`).
 
-    Head dims 64 and 128 x bf16/fp16/fp32 x forward, dQ, dK/dV, decode (+ the two small helper
-    kernels), in the most demanding variant (prefix, window and sinks on)."""
+    Head dims 64 and 128 x bf16/fp16/fp32 x forward, dQ, dK/dV, decode dense and paged (+ the two
+    small helper kernels), in the most demanding variant (prefix, window and sinks on)."""
     from mptkern.aot import KernelSpec
 
     def divisible(signature):
@@ -1013,7 +1058,7 @@ def aot_specs():
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     i32 = "*i32"
     meta = dict(LSE="*fp32", DELTA="*fp32", SINKS="*fp32", CU=i32, PIDS=i32, PLENS=i32, SCHED=i32, ITEMS=i32,
-                ORDER=i32, LENS=i32, OPART="*fp32", LPART="*fp32", DLSE="*fp32")
+                ORDER=i32, LENS=i32, BT=i32, PBT=i32, OPART="*fp32", LPART="*fp32", DLSE="*fp32")
     specs = []
     for dt, dtype in dtypes.items():
         for dim in (64, 128):
@@ -1028,10 +1073,12 @@ def aot_specs():
                                         divisible(signature)))
             bh, bn, warps, stages = CONFIGS[("decode", dim, _dtype_class(dtype))]
             prec = _precision(dtype)
-            ce = dict(HAS_PREFIX=True, HAS_WINDOW=True, BLOCK_H=bh, BLOCK_N=bn, HEAD_DIM=dim, PREC=prec, UPCAST=False)
-            signature = sig(_decode_kernel, dt, meta, ("sm_scale",), ce)
-            specs.append(KernelSpec(f"prefix_attention_decode_{dt}_d{dim}", _decode_kernel, signature, ce, warps, stages,
-                                    divisible(signature)))
+            for paged in (False, True):  # dense slabs; pools read through block tables
+                ce = dict(HAS_PREFIX=True, HAS_WINDOW=True, PAGED=paged, BLOCK_H=bh, BLOCK_N=bn, HEAD_DIM=dim, PREC=prec,
+                          UPCAST=False)
+                signature = sig(_decode_kernel, dt, meta, ("sm_scale",), ce)
+                specs.append(KernelSpec(f"prefix_attention_decode{'_paged' if paged else ''}_{dt}_d{dim}", _decode_kernel,
+                                        signature, ce, warps, stages, divisible(signature)))
             ce = dict(HAS_DLSE=True, HEAD_DIM=dim, BLOCK=DELTA_BLOCK)
             signature = sig(_delta_kernel, dt, meta, (), ce)
             specs.append(KernelSpec(f"prefix_attention_delta_{dt}_d{dim}", _delta_kernel, signature, ce, 4, 1,
@@ -1106,13 +1153,16 @@ def _decode_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
     prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None, prefix_ids: torch.Tensor | None,
     prefix_lens: torch.Tensor | None, sinks: torch.Tensor | None, softmax_scale: float, window: int,
+    block_tables: torch.Tensor | None, prefix_block_tables: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, D), lse (B, Hq) fp32); ``window`` 0 means none; ``block_tables`` None: dense slabs."""
     return _decode_triton(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, sinks,
-                          softmax_scale, window)
+                          softmax_scale, window, block_tables, prefix_block_tables)
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, sinks, softmax_scale, window):
+def _(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, sinks, softmax_scale, window,
+      block_tables, prefix_block_tables):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -1191,29 +1241,84 @@ def prefix_attention(
     return (out, lse) if return_lse else out
 
 
-def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks):
+def _decode_part(qh, k, v, hidden):
+    """Scaled queries ``qh`` (B, Hkv, G, D) against each sequence's keys ``k``, ``v`` (B, m, Hkv, D)
+    where ``hidden`` (B, m) is False: out (B, Hkv, G, D), lse (B, Hkv, G) in qh's dtype, NaN on the
+    sequences that see none of the m keys."""
+    B, hkv, g, dim = qh.shape
+    m = k.shape[1]
+    scores = torch.matmul(qh, k.transpose(1, 2).to(qh.dtype).transpose(-1, -2))  # (B, Hkv, G, m)
+    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    out, lse = _softmax_attend(scores.view(B * hkv, g, m), v.transpose(1, 2).to(qh.dtype).reshape(B * hkv, m, dim))
+    return out.view(B, hkv, g, dim), lse.view(B, hkv, g)
+
+
+def _merge_partials(out, lse, out_pre, lse_pre):
+    """Merge a second partial softmax (out_pre, lse_pre; NaN LSE where it saw no key) into the first by
+    their LSEs."""
+    seen = ~torch.isnan(lse_pre)
+    l_new = torch.where(seen, torch.logaddexp(lse, lse_pre), lse)
+    w_pre = torch.where(seen, torch.exp(lse_pre - l_new), 0.0)[..., None]
+    return out * torch.exp(lse - l_new)[..., None] + torch.where(seen[..., None], out_pre * w_pre, 0.0), l_new
+
+
+def _gather_blocks(pool_k, pool_v, tables, lens):
+    """Each table row's keys from pools ``(num_blocks, block_size, Hkv, D)`` (any strides), in order:
+    K, V ``(R, max_blocks * block_size, Hkv, D)`` copies and the ``(R, max_blocks * block_size)``
+    mask of the rows at or past ``lens`` (R,). Table entries past ``ceil(lens / block_size)`` are
+    not read (block 0 stands in) and V's rows past ``lens`` are zeroed, so that whatever the pool
+    holds there (stale rows, NaN in never-written memory) cannot reach the output."""
+    bs, nb = pool_k.shape[1], tables.shape[1]
+    in_use = torch.arange(nb, device=tables.device)[None] * bs < lens[:, None]
+    idx = torch.where(in_use, tables.long(), 0)
+    k, v = pool_k[idx].flatten(1, 2), pool_v[idx].flatten(1, 2)  # (R, nb, bs, Hkv, D) gathers, then views
+    past = torch.arange(nb * bs, device=tables.device)[None] >= lens[:, None]
+    v.masked_fill_(past[:, :, None, None], 0.0)
+    return k, v, past
+
+
+def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks,
+                  block_tables=None, prefix_block_tables=None):
     """Cascade form. Every sequence's newest token attends to its own cache in one batched matmul over
-    all sequences; the prefix part is computed per prefix id, the queries of every sequence sharing a
-    prefix stacked into one matrix, so a prefix's keys are read once per call, not once per sequence.
-    The two partial softmaxes merge through their LSEs (then the sinks). A cache stored head-major,
-    ``(B, Hkv, S, D)`` passed as its ``transpose(1, 2)`` view, is read in place.
-    The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key j at L_b + j."""
+    all sequences; the prefix part is a second partial softmax; the two merge through their LSEs
+    (then the sinks). The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key
+    j at L_b + j.
+
+    Dense slabs: one host sync (``lens.max()``) trims the slabs to what any sequence holds; the
+    prefix part is computed per prefix id (``prefix_ids`` read on the host), the queries of every
+    sequence sharing a prefix stacked into one matrix, so a prefix's keys are read once per call.
+    A cache stored head-major, ``(B, Hkv, S, D)`` passed as its ``transpose(1, 2)`` view, is read
+    in place.
+
+    Paged (``block_tables``): no host sync at all. The own keys are gathered through the tables
+    into ``(B, max_blocks * block_size)`` rows (a host-known count); the prefix part gathers each
+    sequence's prefix keys through its prefix's table row, batched over all sequences: grouping
+    the sequences by prefix would need the ids on the host, so each prefix is read once per
+    sequence that uses it rather than once per call."""
     B, hq, dim = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
     acc, dev = _acc(q.dtype), q.device
     lens = cache_lens.long()
-    used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
     qh = q.reshape(B, hkv, g, dim).to(acc) * scale
-    ar = torch.arange(used, device=dev)
-    blocked = ar[None] >= lens[:, None]
+    if block_tables is None:
+        used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
+        kc, vc = k_cache[:, :used], v_cache[:, :used]
+        blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
+    else:
+        kc, vc, blocked = _gather_blocks(k_cache, v_cache, block_tables, lens)
     if window is not None:
-        blocked |= ar[None] <= lens[:, None] - 1 - window
-    scores = torch.matmul(qh, k_cache[:, :used].transpose(1, 2).to(acc).transpose(-1, -2))  # (B, Hkv, G, used)
-    scores.masked_fill_(blocked[:, None, None, :], float("-inf"))
-    out, lse = _softmax_attend(scores.view(B * hkv, g, used), v_cache[:, :used].transpose(1, 2).to(acc).reshape(B * hkv, used, dim))
-    out, lse = out.view(B, hkv, g, dim), lse.view(B, hkv, g)  # lse finite: the newest token is always visible
-    if prefix_k is not None:
+        blocked |= torch.arange(kc.shape[1], device=dev)[None] <= lens[:, None] - 1 - window
+    out, lse = _decode_part(qh, kc, vc, blocked)  # lse finite: the newest token is always visible
+    if prefix_k is not None and block_tables is not None:
+        if prefix_block_tables.shape[1]:
+            pid = prefix_ids.long().clamp(min=0)
+            plen = torch.where(prefix_ids >= 0, prefix_lens.long()[pid], 0)  # L_b, 0 without a prefix
+            pk, pv, hidden = _gather_blocks(prefix_k, prefix_v, prefix_block_tables[pid], plen)
+            if window is not None:  # prefix key i is visible iff i > L_b + cache_len - 1 - window
+                hidden |= torch.arange(pk.shape[1], device=dev)[None] <= (plen + lens - 1 - window)[:, None]
+            out, lse = _merge_partials(out, lse, *_decode_part(qh, pk, pv, hidden))
+    elif prefix_k is not None:
         pids = prefix_ids.tolist()
         plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
         order = sorted((b for b in range(B) if pids[b] >= 0 and plens[pids[b]] > 0), key=pids.__getitem__)
@@ -1236,12 +1341,7 @@ def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_id
                 lse_pre[start:end] = lg.view(hkv, n, g).transpose(0, 1)
                 out_pre[start:end] = og.view(hkv, n, g, dim).transpose(0, 1)
                 start = end
-            seen = ~torch.isnan(lse_pre)  # NaN where the window hid the whole prefix
-            l_own = lse[rows]
-            l_new = torch.where(seen, torch.logaddexp(l_own, lse_pre), l_own)
-            w_pre = torch.where(seen, torch.exp(lse_pre - l_new), 0.0)[..., None]
-            out[rows] = out[rows] * torch.exp(l_own - l_new)[..., None] + torch.where(seen[..., None], out_pre * w_pre, 0.0)
-            lse[rows] = l_new
+            out[rows], lse[rows] = _merge_partials(out[rows], lse[rows], out_pre, lse_pre)
     if sinks is not None:
         l_new = torch.logaddexp(lse, sinks.to(acc).view(hkv, g))
         out = out * torch.exp(lse - l_new)[..., None]
@@ -1249,15 +1349,36 @@ def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_id
     return out.reshape(B, hq, dim).to(q.dtype), lse.reshape(B, hq).float()
 
 
-def _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks):
+def _validate_table(name, table, rows, device, what):
+    if table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 or table.shape[0] != rows or table.device != device:
+        raise ValueError(f"{name} must be an int32 (or int64) tensor of shape ({what}={rows}, max_blocks) on {device}, "
+                         f"got {table.dtype} {tuple(table.shape)} on {table.device}")
+
+
+def _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks,
+                     block_tables=None, prefix_block_tables=None):
+    """Shapes, dtypes and devices of a decode step (dense or paged), then the values, for CPU tensors
+    only: reading a CUDA tensor's values is a host sync, which a decode step does not pay, so on the
+    GPU (and under torch.compile) out-of-range values are not caught here. Raises ValueError."""
     def fail(msg):
         raise ValueError(msg)
 
     if q.dim() != 3 or q.shape[0] == 0:
         fail(f"q must have shape (B, Hq, D) with B >= 1, got {tuple(q.shape)}")
     B, hq, dim = q.shape
-    if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != dim or v_cache.shape != k_cache.shape:
-        fail(f"k_cache and v_cache must have shape (B={B}, S, Hkv, D={dim}), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    paged = block_tables is not None
+    if not paged:
+        if prefix_block_tables is not None:
+            fail("prefix_block_tables given without block_tables: a paged prefix goes with a paged cache")
+        if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != dim or v_cache.shape != k_cache.shape:
+            fail(f"k_cache and v_cache must have shape (B={B}, S, Hkv, D={dim}), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    else:
+        if k_cache.dim() != 4 or 0 in k_cache.shape[:2] or k_cache.shape[3] != dim or v_cache.shape != k_cache.shape:
+            fail("with block_tables, k_cache and v_cache must be pools of shape (num_blocks >= 1, block_size >= 1, Hkv, "
+                 f"D={dim}), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        _validate_table("block_tables", block_tables, B, q.device, "B")
+        if block_tables.shape[1] == 0:
+            fail("block_tables must have at least one column (every sequence holds at least its newest token)")
     hkv = k_cache.shape[2]
     if hkv == 0 or hq % hkv:
         fail(f"q's heads ({hq}) must be a multiple of the cache's heads ({hkv})")
@@ -1266,7 +1387,49 @@ def _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix
             fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
     if cache_lens.shape != (B,) or cache_lens.dtype.is_floating_point or cache_lens.device != q.device:
         fail(f"cache_lens must be an integer tensor of shape (B={B},) on {q.device}, got {cache_lens.dtype} {tuple(cache_lens.shape)}")
-    _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks)
+    if paged and prefix_k is not None:
+        if prefix_block_tables is None:
+            fail("with block_tables, the prefix must be paged too: pass prefix_block_tables (and prefix_lens) "
+                 "with prefix_k/prefix_v as block pools, not a dense (P, Lp, Hkv, D) prefix")
+        _validate_table("prefix_block_tables", prefix_block_tables, prefix_block_tables.shape[0], q.device, "P")
+        if prefix_lens is None:
+            fail("with prefix_block_tables, prefix_lens (P,) is required")
+    elif prefix_block_tables is not None:
+        fail("prefix_block_tables given without prefix_k, prefix_v and prefix_ids")
+    _validate_prefix(q, B, hkv, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks,
+                     prefix_block_tables if paged else None)
+    if paged and prefix_k is not None and prefix_k.shape[1] != k_cache.shape[1]:
+        fail(f"the prefix pools' block_size ({prefix_k.shape[1]}) must equal the cache pools' ({k_cache.shape[1]})")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_decode_values(k_cache, cache_lens, prefix_k, prefix_ids, prefix_lens, block_tables, prefix_block_tables)
+
+
+def _check_decode_values(k_cache, cache_lens, prefix_k, prefix_ids, prefix_lens, block_tables, prefix_block_tables):
+    """The value checks of a decode step (host reads: CPU tensors only)."""
+    lens = cache_lens.long()
+    bs = k_cache.shape[1]
+    cap, cap_name = (k_cache.shape[1], "S") if block_tables is None else (block_tables.shape[1] * bs, "max_blocks * block_size")
+    lo, hi = (int(x) for x in torch.aminmax(lens))
+    if lo < 1 or hi > cap:
+        raise ValueError(f"cache_lens must lie in [1, {cap_name}={cap}], got values in [{lo}, {hi}]")
+    if block_tables is None:
+        _check_prefix_values(prefix_k, prefix_ids, prefix_lens)
+        return
+    _check_table_entries("block_tables", block_tables, lens, k_cache.shape[0], bs)
+    if prefix_k is not None:
+        P, max_pb = prefix_block_tables.shape
+        _check_prefix_ranges(P, max_pb * bs, prefix_ids, prefix_lens, "max_prefix_blocks * block_size")
+        _check_table_entries("prefix_block_tables", prefix_block_tables, prefix_lens.long(), prefix_k.shape[0], bs)
+
+
+def _check_table_entries(name, table, lens, num_blocks, block_size):
+    """Every entry a row uses (the first ceil(lens / block_size)) names a block of the pool."""
+    in_use = torch.arange(table.shape[1])[None] * block_size < lens[:, None]
+    bad = (in_use & ((table < 0) | (table >= num_blocks))).nonzero()
+    if bad.numel():
+        r, c = (int(x) for x in bad[0])
+        raise ValueError(f"{name}[{r}, {c}] = {int(table[r, c])} is in use (row {r} holds {int(lens[r])} keys) but is "
+                         f"not a block of the pool [0, {num_blocks})")
 
 
 def prefix_attention_decode(
@@ -1279,6 +1442,8 @@ def prefix_attention_decode(
     prefix_ids: torch.Tensor | None = None,
     *,
     prefix_lens: torch.Tensor | None = None,
+    block_tables: torch.Tensor | None = None,
+    prefix_block_tables: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
@@ -1289,41 +1454,68 @@ def prefix_attention_decode(
 
     Args:
         q: ``(B, Hq, D)`` fp32/bf16/fp16, the query of each sequence's newest token.
-        k_cache, v_cache: ``(B, S, Hkv, D)``, one contiguous slab per sequence (slot) holding its own
-            tokens only, the newest already appended: rows ``0..cache_lens[b]-1`` are valid.
+        k_cache, v_cache: each sequence's own tokens only, the newest already appended. Dense (no
+            ``block_tables``): ``(B, S, Hkv, D)``, one slab per sequence (slot), rows
+            ``0..cache_lens[b]-1`` valid. Paged: pools ``(num_blocks, block_size, Hkv, D)``; sequence
+            b's key j is ``k_cache[block_tables[b, j // block_size], j % block_size]``.
         cache_lens: ``(B,)`` integer >= 1. The query sits at absolute position ``L_b + cache_lens[b] - 1``.
-        prefix_k, prefix_v: ``(P, Lp, Hkv, D)`` the per-task prompt K/V cached once for good, read in
-            place; prefix_ids ``(B,)`` picks one per sequence (-1: none); prefix_lens ``(P,)``.
+        prefix_k, prefix_v: the per-task prompt K/V, read in place; prefix_ids ``(B,)`` picks one per
+            sequence (-1: none); prefix_lens ``(P,)`` (default ``Lp``; required when paged). Dense:
+            ``(P, Lp, Hkv, D)``. Paged: pools ``(num_blocks', block_size, Hkv, D)`` with the cache's
+            block_size (in practice the very same pools as k_cache/v_cache); prefix p's key i is
+            ``prefix_k[prefix_block_tables[p, i // block_size], i % block_size]``.
+        block_tables: ``(B, max_blocks)`` int32 (int64 accepted), the paged layout; entries past
+            ``ceil(cache_lens[b] / block_size)`` are never read (-1 or anything).
+        prefix_block_tables: ``(P, max_prefix_blocks)`` int32 (int64 accepted), the prefixes' tables;
+            paged mode only, and required there when a prefix is given.
         softmax_scale, window, sinks: as in :func:`prefix_attention` (window in absolute positions).
         return_lse: also return the fp32 natural-log LSE ``(B, Hq)``.
 
     Returns ``(B, Hq, D)`` in q's dtype (and the LSE): exactly the last row of
-    :func:`prefix_attention` over the same tokens. Inference only (not differentiable).
+    :func:`prefix_attention` over the same tokens, in either layout. Inference only (not
+    differentiable). Every cache or pool may have any strides with a unit stride along D (e.g. a
+    head-major ``(.., Hkv, S or block_size, D)`` store passed as its ``transpose(1, 2)`` view).
 
-    Why a contiguous per-sequence cache rather than pages: with the prompt K/V shared per task, a
-    request's own cache holds only its input and generated tokens (short clinical inputs and
-    answers: hundreds of tokens), so fixed slabs waste little memory; they need no page table,
-    allocator or indirection per key tile, the kernel's loads stay plain strided rows, and the
-    launch takes only tensors of fixed shape (no host sync), so a step can be CUDA-graph captured.
-    Paging pays off for long, unpredictable generations, which this engine does not serve.
+    Two layouts. Dense slabs suit a fixed, small number of slots with short caches (the prompt K/V
+    is shared per task, so a slab holds only a request's input and generated tokens): no tables,
+    plain strided row loads. Paged pools suit an engine that shares prefix blocks between requests
+    and sizes one pool of blocks from a memory budget: a sequence holds only the blocks it fills,
+    a prefix is a list of blocks that any number of requests point at, and the kernel looks up
+    each key row's block in the table. In both, the triton launch takes only device tensors of
+    host-known shape (split plan from capacities, no host sync). The torch path, dense, reads the
+    longest cache length and (with a prefix) the prefix ids on the host, to group the sequences by
+    prefix; paged, it makes no host sync: it gathers every sequence's keys, and its prefix's keys, through the
+    tables in one batch (so a shared prefix is read once per sequence using it, not once per call).
+
+    Shapes, dtypes and devices are checked always; values (``cache_lens`` in ``[1, S]`` or
+    ``[1, max_blocks * block_size]``, ``prefix_ids`` in ``[-1, P)``, ``prefix_lens``, the table
+    entries in use) only for CPU tensors, since reading CUDA values would sync with the host.
 
     Example::
 
         q = torch.randn(4, 8, 64); kc, vc = torch.randn(2, 4, 256, 2, 64).unbind(0)
         pk, pv = torch.randn(2, 3, 100, 2, 64).unbind(0)
         out = prefix_attention_decode(q, kc, vc, torch.tensor([5, 1, 256, 9]), pk, pv, torch.tensor([0, 2, -1, 0]))
+        # paged: blocks of 16 rows in one pool, shared by the caches and the prefixes
+        pool_k, pool_v = torch.randn(2, 64, 16, 2, 64).unbind(0)
+        tables = torch.tensor([[3, -1], [7, 8], [9, -1], [10, 11]], dtype=torch.int32)  # 4 sequences
+        ptables = torch.tensor([[0, 1, 2]], dtype=torch.int32)  # one prefix of up to 48 rows
+        out = prefix_attention_decode(q, pool_k, pool_v, torch.tensor([5, 17, 16, 32]), pool_k, pool_v,
+                                      torch.tensor([0, 0, -1, 0]), prefix_lens=torch.tensor([40]),
+                                      block_tables=tables, prefix_block_tables=ptables)
     """
-    _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks)
+    _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks,
+                     block_tables, prefix_block_tables)
     backend = _pick_backend(backend, q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend == "triton":
-        ids = prefix_ids.to(torch.int32) if prefix_ids is not None else None
-        lens = prefix_lens.to(torch.int32) if prefix_lens is not None else None
+        as32 = lambda t: t.to(torch.int32) if t is not None else None  # noqa: E731
         out, lse = torch.ops.mptkern.prefix_attention_decode(
-            q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, ids, lens, sinks, float(scale), int(window or 0)
+            q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, as32(prefix_ids), as32(prefix_lens), sinks,
+            float(scale), int(window or 0), as32(block_tables), as32(prefix_block_tables),
         )
     else:
         with torch.no_grad():
             out, lse = _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens,
-                                     scale, window, sinks)
+                                     scale, window, sinks, block_tables, prefix_block_tables)
     return (out, lse) if return_lse else out
