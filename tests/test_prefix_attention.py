@@ -5,7 +5,7 @@ import torch
 
 from mptkern import backends
 from mptkern.ops import prefix_attention
-from mptkern.ops.prefix_attention import prefix_attention_decode
+from mptkern.ops.prefix_attention import plan_paged_decode, prefix_attention_decode
 from tests import reference as ref
 
 MOD = importlib.import_module("mptkern.ops.prefix_attention")
@@ -407,6 +407,42 @@ def test_decode_paged_equals_dense(case, splits, layout, backend, monkeypatch):
     for got, want in zip(paged, dense):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    # planned once (as an engine step plans for all its layers): the same numbers
+    plan = plan_paged_decode(torch.tensor(n), tables, block_size=block_size, num_blocks=pool_k.shape[0],
+                             prefix_ids=ids if P else None, prefix_lens=lens if P else None, prefix_block_tables=ptables)
+    planned = prefix_attention_decode(q, pool_k, pool_v, None, pool_k if P else None, pool_v if P else None, plan=plan,
+                                      window=window, sinks=s, return_lse=True, backend=backend)
+    for got, want in zip(planned, paged):
+        assert torch.equal(got, want)
+
+
+def test_decode_plan_bad_input():
+    pool = torch.randn(6, 4, 2, 16)
+    tables = torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)
+    lens = torch.tensor([7, 3])
+    plan = plan_paged_decode(lens, tables, block_size=4, num_blocks=6)
+    q = torch.randn(2, 4, 16)
+    cases = [
+        (lambda: plan_paged_decode(lens, tables, block_size=4, num_blocks=2), r"block_tables\[1, 0\] = 2 is in use"),
+        (lambda: plan_paged_decode(torch.tensor([9, 3]), tables, block_size=4, num_blocks=6), r"cache_lens must lie in \[1, max_blocks"),
+        (lambda: plan_paged_decode(lens, tables, block_size=4, num_blocks=6, prefix_ids=torch.tensor([0, 0])), "go together"),
+        (lambda: plan_paged_decode(lens.float(), tables, block_size=4, num_blocks=6), "cache_lens must be"),
+        (lambda: plan_paged_decode(lens, tables, block_size=0, num_blocks=6), "block_size and num_blocks"),
+        (lambda: plan_paged_decode(lens, tables, block_size=4, num_blocks=6, prefix_ids=torch.tensor([0, 1]),
+                                   prefix_lens=torch.tensor([4]), prefix_block_tables=torch.tensor([[3]])), r"prefix_ids must lie in \[-1, 1\)"),
+        (lambda: prefix_attention_decode(q, pool, pool, lens, plan=plan), "come from the plan"),
+        (lambda: prefix_attention_decode(q, pool, pool), "give cache_lens"),
+        (lambda: prefix_attention_decode(q[:1], pool, pool, plan=plan), r"q must have shape \(B=2"),
+        (lambda: prefix_attention_decode(q, pool[:, :2], pool[:, :2], plan=plan), "block_size=4"),
+        (lambda: prefix_attention_decode(q, pool, pool, prefix_k=pool, prefix_v=pool, plan=plan), "go with a plan made with prefix_ids"),
+        (lambda: prefix_attention_decode(q.double(), pool, pool, plan=plan), "k_cache is torch.float32"),
+        (lambda: prefix_attention_decode(q, pool, pool, plan=plan, window=0), "window must be"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match="PagedDecodePlan"):
+        prefix_attention_decode(q, pool, pool, plan=(lens, tables))
 
 
 def test_decode_paged_shipped_tiles_bf16(monkeypatch):

@@ -2,6 +2,7 @@
 
 from mptkern.ops.decomposed_prompts import decomposed_prompts
 from mptkern.ops.distill_loss import fused_distill_loss
-from mptkern.ops.prefix_attention import prefix_attention, prefix_attention_decode
+from mptkern.ops.prefix_attention import PagedDecodePlan, plan_paged_decode, prefix_attention, prefix_attention_decode
 
-__all__ = ["decomposed_prompts", "fused_distill_loss", "prefix_attention", "prefix_attention_decode"]
+__all__ = ["decomposed_prompts", "fused_distill_loss", "prefix_attention", "prefix_attention_decode", "plan_paged_decode",
+           "PagedDecodePlan"]

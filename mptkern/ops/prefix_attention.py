@@ -34,6 +34,7 @@ LSEs are natural-log fp32 everywhere they leave a kernel (base-2 only inside).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -1262,63 +1263,90 @@ def _merge_partials(out, lse, out_pre, lse_pre):
     return out * torch.exp(lse - l_new)[..., None] + torch.where(seen[..., None], out_pre * w_pre, 0.0), l_new
 
 
-def _gather_blocks(pool_k, pool_v, tables, lens):
-    """Each table row's keys from pools ``(num_blocks, block_size, Hkv, D)`` (any strides), in order:
-    K, V ``(R, max_blocks * block_size, Hkv, D)`` copies and the ``(R, max_blocks * block_size)``
-    mask of the rows at or past ``lens`` (R,). Table entries past ``ceil(lens / block_size)`` are
-    not read (block 0 stands in) and V's rows past ``lens`` are zeroed, so that whatever the pool
-    holds there (stale rows, NaN in never-written memory) cannot reach the output."""
-    bs, nb = pool_k.shape[1], tables.shape[1]
-    in_use = torch.arange(nb, device=tables.device)[None] * bs < lens[:, None]
-    idx = torch.where(in_use, tables.long(), 0)
-    k, v = pool_k[idx].flatten(1, 2), pool_v[idx].flatten(1, 2)  # (R, nb, bs, Hkv, D) gathers, then views
-    past = torch.arange(nb * bs, device=tables.device)[None] >= lens[:, None]
-    v.masked_fill_(past[:, :, None, None], 0.0)
-    return k, v, past
+def _paged_rows(tables, lens, block_size):
+    """Pool coordinates of every row a table addresses, in order: block ids and in-block offsets
+    ``(R, max_blocks * block_size)`` and the mask of the rows at or past ``lens`` (R,). Entries past
+    ``ceil(lens / block_size)`` are not read (block 0 stands in for them)."""
+    pos = torch.arange(tables.shape[1] * block_size, device=tables.device)
+    past = pos[None] >= lens[:, None]
+    blocks = torch.where(past, 0, tables.long().repeat_interleave(block_size, 1))
+    return blocks, (pos % block_size).expand_as(blocks), past
+
+
+def _paged_key_rows(lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables, block_size):
+    """Where each sequence's keys live, prefix rows first: pool block ids and in-block offsets
+    ``(B, Mp + Mo)``, the mask of the rows a sequence does not hold, every key's absolute position
+    ``(B, Mp + Mo)``, each query's position ``(B,)`` and Mp (host-known sizes, no host sync)."""
+    blocks, offsets, hidden = _paged_rows(block_tables, lens, block_size)
+    dev, B = lens.device, lens.shape[0]
+    own = torch.arange(blocks.shape[1], device=dev)[None]
+    if prefix_block_tables is None or not prefix_block_tables.shape[1]:
+        return blocks, offsets, hidden, own.expand(B, -1), lens - 1, 0
+    pid = prefix_ids.long().clamp(min=0)
+    plen = torch.where(prefix_ids >= 0, prefix_lens.long()[pid], 0)  # L_b, 0 without a prefix
+    p_blocks, p_offsets, p_hidden = _paged_rows(prefix_block_tables[pid], plen, block_size)
+    mp = p_blocks.shape[1]
+    key_pos = torch.cat([torch.arange(mp, device=dev)[None].expand(B, mp), own + plen[:, None]], 1)
+    return (torch.cat([p_blocks, blocks], 1), torch.cat([p_offsets, offsets], 1), torch.cat([p_hidden, hidden], 1),
+            key_pos, plen + lens - 1, mp)
+
+
+def _decode_torch_paged(qh, k_cache, v_cache, prefix_k, prefix_v, rows, window, sinks):
+    """Paged decode: each sequence's prefix rows and own rows (``rows``: :func:`_paged_key_rows`) are
+    gathered into one key set ``(B, Mp + Mo, Hkv, D)`` (one gather when the prefix lives in the
+    cache's pool), then one masked softmax with the sinks; each prefix is read once per sequence
+    that uses it. V's masked rows are zeroed, so that whatever the pool holds there (stale rows, NaN
+    in never-written memory) cannot reach the output. -> out (B, Hkv, G, D), lse (B, Hkv, G)."""
+    B, hkv, g, dim = qh.shape
+    blocks, offsets, hidden, key_pos, query_pos, mp = rows
+    if not mp or (prefix_k is k_cache and prefix_v is v_cache):
+        k, v = k_cache[blocks, offsets], v_cache[blocks, offsets]
+    else:
+        pb, po, ob, oo = blocks[:, :mp], offsets[:, :mp], blocks[:, mp:], offsets[:, mp:]
+        k = torch.cat([prefix_k[pb, po], k_cache[ob, oo]], 1)
+        v = torch.cat([prefix_v[pb, po], v_cache[ob, oo]], 1)
+    if window is not None:  # a key is visible iff its position > the query's - window
+        hidden = hidden | (key_pos <= (query_pos - window)[:, None])
+    v = v.masked_fill(hidden[:, :, None, None], 0.0)
+    m = k.shape[1]
+    scores = torch.matmul(qh, k.transpose(1, 2).to(qh.dtype).transpose(-1, -2))  # (B, Hkv, G, m)
+    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    sink = None if sinks is None else sinks.to(qh.dtype).view(1, hkv, g, 1).expand(B, hkv, g, 1).reshape(B * hkv, g, 1)
+    out, lse = _softmax_attend(scores.view(B * hkv, g, m), v.transpose(1, 2).to(qh.dtype).reshape(B * hkv, m, dim), sink)
+    return out.view(B, hkv, g, dim), lse.view(B, hkv, g)
 
 
 def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks,
-                  block_tables=None, prefix_block_tables=None):
-    """Cascade form. Every sequence's newest token attends to its own cache in one batched matmul over
-    all sequences; the prefix part is a second partial softmax; the two merge through their LSEs
-    (then the sinks). The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key
-    j at L_b + j.
+                  block_tables=None, prefix_block_tables=None, rows=None):
+    """The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key j at L_b + j.
+    Paged (``block_tables``): :func:`_decode_torch_paged` (``rows`` from a :class:`PagedDecodePlan`).
 
-    Dense slabs: one host sync (``lens.max()``) trims the slabs to what any sequence holds; the
+    Dense slabs, cascade form: every sequence's newest token attends to its own cache in one batched
+    matmul over all sequences; the prefix part is a second partial softmax; the two merge through
+    their LSEs (then the sinks). One host sync (``lens.max()``) trims the slabs to what any sequence holds; the
     prefix part is computed per prefix id (``prefix_ids`` read on the host), the queries of every
     sequence sharing a prefix stacked into one matrix, so a prefix's keys are read once per call.
     A cache stored head-major, ``(B, Hkv, S, D)`` passed as its ``transpose(1, 2)`` view, is read
-    in place.
-
-    Paged (``block_tables``): no host sync at all. The own keys are gathered through the tables
-    into ``(B, max_blocks * block_size)`` rows (a host-known count); the prefix part gathers each
-    sequence's prefix keys through its prefix's table row, batched over all sequences: grouping
-    the sequences by prefix would need the ids on the host, so each prefix is read once per
-    sequence that uses it rather than once per call."""
+    in place."""
     B, hq, dim = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
     acc, dev = _acc(q.dtype), q.device
     lens = cache_lens.long()
     qh = q.reshape(B, hkv, g, dim).to(acc) * scale
-    if block_tables is None:
-        used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
-        kc, vc = k_cache[:, :used], v_cache[:, :used]
-        blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
-    else:
-        kc, vc, blocked = _gather_blocks(k_cache, v_cache, block_tables, lens)
+    if block_tables is not None:
+        if rows is None:
+            rows = _paged_key_rows(lens, block_tables, prefix_ids, prefix_lens,
+                                   prefix_block_tables if prefix_k is not None else None, k_cache.shape[1])
+        out, lse = _decode_torch_paged(qh, k_cache, v_cache, prefix_k, prefix_v, rows, window, sinks)
+        return out.reshape(B, hq, dim).to(q.dtype), lse.reshape(B, hq).float()
+    used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
+    kc, vc = k_cache[:, :used], v_cache[:, :used]
+    blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
     if window is not None:
         blocked |= torch.arange(kc.shape[1], device=dev)[None] <= lens[:, None] - 1 - window
     out, lse = _decode_part(qh, kc, vc, blocked)  # lse finite: the newest token is always visible
-    if prefix_k is not None and block_tables is not None:
-        if prefix_block_tables.shape[1]:
-            pid = prefix_ids.long().clamp(min=0)
-            plen = torch.where(prefix_ids >= 0, prefix_lens.long()[pid], 0)  # L_b, 0 without a prefix
-            pk, pv, hidden = _gather_blocks(prefix_k, prefix_v, prefix_block_tables[pid], plen)
-            if window is not None:  # prefix key i is visible iff i > L_b + cache_len - 1 - window
-                hidden |= torch.arange(pk.shape[1], device=dev)[None] <= (plen + lens - 1 - window)[:, None]
-            out, lse = _merge_partials(out, lse, *_decode_part(qh, pk, pv, hidden))
-    elif prefix_k is not None:
+    if prefix_k is not None:
         pids = prefix_ids.tolist()
         plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
         order = sorted((b for b in range(B) if pids[b] >= 0 and plens[pids[b]] > 0), key=pids.__getitem__)
@@ -1432,11 +1460,97 @@ def _check_table_entries(name, table, lens, num_blocks, block_size):
                          f"not a block of the pool [0, {num_blocks})")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PagedDecodePlan:
+    """The layout of one paged decode step, checked and prepared once for every layer that reads it
+    (an engine step runs the same step plan through all its layers): the int32 tensors the kernels
+    take, ``block_size`` and ``num_blocks`` of the pools they index, and, for the torch path, where
+    each sequence's keys live (:func:`_paged_key_rows`). Made by :func:`plan_paged_decode`."""
+
+    cache_lens: torch.Tensor
+    block_tables: torch.Tensor
+    prefix_ids: torch.Tensor | None
+    prefix_lens: torch.Tensor | None
+    prefix_block_tables: torch.Tensor | None
+    block_size: int
+    num_blocks: int
+    rows: tuple
+
+    @property
+    def batch(self) -> int:
+        return self.cache_lens.shape[0]
+
+
+def plan_paged_decode(cache_lens: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, num_blocks: int,
+                      prefix_ids: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
+                      prefix_block_tables: torch.Tensor | None = None) -> PagedDecodePlan:
+    """Check and prepare a paged decode layout once, for :func:`prefix_attention_decode` ``(plan=)``
+    calls on pools of ``num_blocks`` blocks of ``block_size`` rows (the cache's and, if any, the
+    prefix's pool). Arguments as in :func:`prefix_attention_decode`; the prefix ones go together.
+    Values are checked for CPU tensors only (as there). Raises ValueError."""
+    if block_size < 1 or num_blocks < 1:
+        raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size} and {num_blocks}")
+    if cache_lens.dim() != 1 or cache_lens.shape[0] == 0 or cache_lens.dtype.is_floating_point:
+        raise ValueError(f"cache_lens must be a non-empty 1-D integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}")
+    B, dev = cache_lens.shape[0], cache_lens.device
+    _validate_table("block_tables", block_tables, B, dev, "B")
+    if block_tables.shape[1] == 0:
+        raise ValueError("block_tables must have at least one column (every sequence holds at least its newest token)")
+    given = [t is not None for t in (prefix_ids, prefix_lens, prefix_block_tables)]
+    if any(given) and not all(given):
+        raise ValueError("prefix_ids, prefix_lens and prefix_block_tables go together")
+    if all(given):
+        _validate_table("prefix_block_tables", prefix_block_tables, prefix_block_tables.shape[0], dev, "P")
+        P = prefix_block_tables.shape[0]
+        for name, t, n in (("prefix_ids", prefix_ids, B), ("prefix_lens", prefix_lens, P)):
+            if t.shape != (n,) or t.dtype.is_floating_point or t.device != dev:
+                raise ValueError(f"{name} must be an integer tensor of shape ({n},) on {dev}, got {t.dtype} {tuple(t.shape)}")
+    lens = cache_lens.long()
+    if dev.type == "cpu" and not torch.compiler.is_compiling():
+        cap = block_tables.shape[1] * block_size
+        lo, hi = (int(x) for x in torch.aminmax(lens))
+        if lo < 1 or hi > cap:
+            raise ValueError(f"cache_lens must lie in [1, max_blocks * block_size={cap}], got values in [{lo}, {hi}]")
+        _check_table_entries("block_tables", block_tables, lens, num_blocks, block_size)
+        if all(given):
+            _check_prefix_ranges(P, prefix_block_tables.shape[1] * block_size, prefix_ids, prefix_lens,
+                                 "max_prefix_blocks * block_size")
+            _check_table_entries("prefix_block_tables", prefix_block_tables, prefix_lens.long(), num_blocks, block_size)
+    as32 = lambda t: t.to(torch.int32) if t is not None else None  # noqa: E731
+    rows = _paged_key_rows(lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables, block_size)
+    return PagedDecodePlan(as32(cache_lens), as32(block_tables), as32(prefix_ids), as32(prefix_lens),
+                           as32(prefix_block_tables), block_size, num_blocks, rows)
+
+
+def _validate_planned(q, k_cache, v_cache, prefix_k, prefix_v, plan, window, sinks):
+    """What a planned call still checks: shapes, dtypes and devices against the plan (no values)."""
+    if not isinstance(plan, PagedDecodePlan):
+        raise TypeError(f"plan must be a PagedDecodePlan (plan_paged_decode), got {type(plan).__name__}")
+    if q.dim() != 3 or q.shape[0] != plan.batch or q.device != plan.cache_lens.device:
+        raise ValueError(f"q must have shape (B={plan.batch}, Hq, D) on the plan's device {plan.cache_lens.device}, "
+                         f"got {tuple(q.shape)} on {q.device}")
+    want = (plan.num_blocks, plan.block_size)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t is None:
+            continue
+        if t.dim() != 4 or tuple(t.shape[:2]) != want or t.shape[2:] != k_cache.shape[2:] or t.shape[3] != q.shape[2]:
+            raise ValueError(f"{name} must be a pool of shape (num_blocks={want[0]}, block_size={want[1]}, Hkv, "
+                             f"D={q.shape[2]}) like k_cache, got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+    if (prefix_k is None) != (prefix_v is None) or (prefix_k is None) != (plan.prefix_ids is None):
+        raise ValueError("prefix_k and prefix_v go with a plan made with prefix_ids, prefix_lens and prefix_block_tables")
+    hkv = k_cache.shape[2]
+    if hkv == 0 or q.shape[1] % hkv:
+        raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of the cache's heads ({hkv})")
+    _validate_prefix(q, plan.batch, hkv, None, None, None, None, window, sinks)
+
+
 def prefix_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_lens: torch.Tensor,
+    cache_lens: torch.Tensor | None = None,
     prefix_k: torch.Tensor | None = None,
     prefix_v: torch.Tensor | None = None,
     prefix_ids: torch.Tensor | None = None,
@@ -1444,6 +1558,7 @@ def prefix_attention_decode(
     prefix_lens: torch.Tensor | None = None,
     block_tables: torch.Tensor | None = None,
     prefix_block_tables: torch.Tensor | None = None,
+    plan: PagedDecodePlan | None = None,
     softmax_scale: float | None = None,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
@@ -1504,8 +1619,18 @@ def prefix_attention_decode(
                                       torch.tensor([0, 0, -1, 0]), prefix_lens=torch.tensor([40]),
                                       block_tables=tables, prefix_block_tables=ptables)
     """
-    _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks,
-                     block_tables, prefix_block_tables)
+    rows = None
+    if plan is not None:
+        if any(t is not None for t in (cache_lens, prefix_ids, prefix_lens, block_tables, prefix_block_tables)):
+            raise ValueError("with plan=, cache_lens, prefix_ids, prefix_lens and the block tables come from the plan")
+        _validate_planned(q, k_cache, v_cache, prefix_k, prefix_v, plan, window, sinks)
+        cache_lens, prefix_ids, prefix_lens = plan.cache_lens, plan.prefix_ids, plan.prefix_lens
+        block_tables, prefix_block_tables, rows = plan.block_tables, plan.prefix_block_tables, plan.rows
+    elif cache_lens is None:
+        raise ValueError("give cache_lens (or a plan)")
+    else:
+        _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks,
+                         block_tables, prefix_block_tables)
     backend = _pick_backend(backend, q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend == "triton":
@@ -1517,5 +1642,5 @@ def prefix_attention_decode(
     else:
         with torch.no_grad():
             out, lse = _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens,
-                                     scale, window, sinks, block_tables, prefix_block_tables)
+                                     scale, window, sinks, block_tables, prefix_block_tables, rows)
     return (out, lse) if return_lse else out

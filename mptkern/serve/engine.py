@@ -24,6 +24,7 @@ block tables in place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,7 +38,7 @@ from transformers import AttentionInterface
 
 from mptkern.models.prompted import _attention_implementation
 from mptkern.models.registry import entry_for
-from mptkern.ops import prefix_attention, prefix_attention_decode
+from mptkern.ops import PagedDecodePlan, plan_paged_decode, prefix_attention, prefix_attention_decode
 from mptkern.prompts import MultitaskPrompt, read_peft_instructions
 from mptkern.serve.kv_cache import PagedKVCache, Prefix
 
@@ -153,11 +154,7 @@ class _StepPlan:
     context: torch.Tensor | None = None  # (C, Lc) flat pool rows of each distinct prefill context
     context_lens: torch.Tensor | None = None  # (C,)
     prefill_context: torch.Tensor | None = None  # (P,) context of each prefill sequence, -1 none
-    block_tables: torch.Tensor | None = None  # (R, max_blocks) int32, decode rows
-    cache_lens: torch.Tensor | None = None  # (R,) own tokens after the write
-    prefix_tables: torch.Tensor | None = None  # (T, max_prefix_blocks) int32 of the decode rows' tasks
-    prefix_lens: torch.Tensor | None = None  # (T,)
-    decode_prefix: torch.Tensor | None = None  # (R,) index into prefix_tables, -1 none
+    decode: PagedDecodePlan | None = None  # the decode rows' block tables, lengths and prefixes, checked once
 
 
 class MultiTaskEngine:
@@ -344,10 +341,17 @@ class MultiTaskEngine:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _run_body(self, embeds, positions, plan):
-        with _attention_implementation(self.model, ATTENTION_NAME):
+        with self._attention():
             out = self.model.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                    mptkern_engine=(self, plan))
         return out.last_hidden_state[0]
+
+    def _attention(self):
+        """The model on this engine's attention function; a no-op when it already is (switching walks
+        every module: ~5 ms per step on SmolLM2, so :meth:`generate` switches once for all its steps)."""
+        if self.model.config._attn_implementation == ATTENTION_NAME:
+            return contextlib.nullcontext()
+        return _attention_implementation(self.model, ATTENTION_NAME)
 
     def _attend(self, layer, q, k, v, plan: _StepPlan, scaling, window, sinks):
         """Per layer: q (N, Hq, D), k/v (N, Hkv, D) of the step's stream -> (N, Hq, D)."""
@@ -365,11 +369,10 @@ class MultiTaskEngine:
                                           window=window, sinks=sinks))
         if q.shape[0] > P:
             pool_k, pool_v = self.kv.layer(layer)
-            has_prefix = plan.prefix_tables is not None
+            has_prefix = plan.decode.prefix_ids is not None
             parts.append(prefix_attention_decode(
-                q[P:], pool_k, pool_v, plan.cache_lens, pool_k if has_prefix else None, pool_v if has_prefix else None,
-                plan.decode_prefix, prefix_lens=plan.prefix_lens, block_tables=plan.block_tables,
-                prefix_block_tables=plan.prefix_tables, softmax_scale=scaling, window=window, sinks=sinks))
+                q[P:], pool_k, pool_v, prefix_k=pool_k if has_prefix else None, prefix_v=pool_v if has_prefix else None,
+                plan=plan.decode, softmax_scale=scaling, window=window, sinks=sinks))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # -- requests -----------------------------------------------------------------------------
@@ -571,12 +574,11 @@ class MultiTaskEngine:
                 plan.context_lens = self._rows([len(c) for c in contexts])
                 plan.prefill_context = self._rows(prefill_context)
         if decode:
-            plan.block_tables = torch.tensor(_padded(tables, -1), dtype=torch.int32, device=self.device)
-            plan.cache_lens = self._rows([r.length + 1 for r in decode])
-            if prefix_tables:
-                plan.prefix_tables = torch.tensor(_padded(prefix_tables, -1), dtype=torch.int32, device=self.device)
-                plan.prefix_lens = self._rows(prefix_lens)
-                plan.decode_prefix = self._rows(decode_prefix)
+            as32 = lambda rows: torch.tensor(rows, dtype=torch.int32, device=self.device)  # noqa: E731
+            prefix = dict(prefix_ids=as32(decode_prefix), prefix_lens=as32(prefix_lens),
+                          prefix_block_tables=as32(_padded(prefix_tables, -1))) if prefix_tables else {}
+            plan.decode = plan_paged_decode(as32([r.length + 1 for r in decode]), as32(_padded(tables, -1)),
+                                            block_size=bs, num_blocks=kv.num_blocks, **prefix)
         # rows whose logits are needed: the last token of each prefill that completes its request's
         # tokens, every decode token
         last, ends = [], _cumsum(seqlens)
@@ -735,14 +737,15 @@ class MultiTaskEngine:
         now = time.perf_counter()
         ids = [self._enqueue(r, False, now) for r in prepared]
         results = {}
+        position = {rid: i for i, rid in enumerate(ids)}
         try:
-            position = {rid: i for i, rid in enumerate(ids)}
-            while self._by_id:
-                for u in self.step():
-                    if u.result is not None:
-                        results[u.request_id] = u.result
-                        if on_result is not None:
-                            on_result(position[u.request_id], u.result)
+            with self._attention():
+                while self._by_id:
+                    for u in self.step():
+                        if u.result is not None:
+                            results[u.request_id] = u.result
+                            if on_result is not None:
+                                on_result(position[u.request_id], u.result)
         finally:
             for rid in ids:  # after an error (or an interrupt) the engine is left idle
                 self.cancel(rid)
