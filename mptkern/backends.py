@@ -56,12 +56,13 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS, op: str = "this op") -> str:
     """Turn ``backend`` ("auto" or a name) into the backend that will run on ``device``.
 
-    ``auto`` honours ``MPTKERN_BACKEND`` first (when the op supports it), then picks ``triton`` for
-    CUDA tensors and ``torch`` otherwise. ``supported`` lists the backends the op has. A forced
-    backend that cannot run raises RuntimeError saying why.
+    ``auto`` honours ``MPTKERN_BACKEND`` first (when the op ``op`` supports it: a global preference
+    for a backend an op lacks falls back to the op's default), then picks ``triton`` for CUDA tensors
+    and ``torch`` otherwise. ``supported`` lists the backends the op has. A forced backend that the
+    op lacks or that cannot run raises RuntimeError naming the op, its backends and why.
     """
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
@@ -73,8 +74,8 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = BAC
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend not in supported:
-        raise RuntimeError(f"backend {backend!r} is not implemented for this op (it has {supported})")
+        raise RuntimeError(f"{op} has no {backend!r} backend (it has {', '.join(supported)})")
     reason = why_unavailable(backend, device)
     if reason:
-        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {reason}")
     return backend

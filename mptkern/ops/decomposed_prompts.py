@@ -377,7 +377,7 @@ def decomposed_prompts(
         P, U, V = torch.randn(100, 576), torch.rand(8, 100, 1), torch.rand(8, 1, 576)
         prompts = decomposed_prompts(P, U, V, torch.tensor([3, 0, 3]))  # (3, 100, 576)
     """
-    backend = backends.resolve(backend, shared.device)
+    backend = backends.resolve(backend, shared.device, op="decomposed_prompts")
     _validate(shared, task_cols, task_rows, task_ids, out, row_offsets, backend)
     task_ids = task_ids.to(torch.int64).contiguous()
     if backend != "torch":

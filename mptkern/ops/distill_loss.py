@@ -37,6 +37,7 @@ try:
 except ImportError:  # non-Linux: the triton backend reports itself unavailable
     triton = None
 
+SUPPORTED_BACKENDS = ("torch", "triton")
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -608,9 +609,7 @@ def fused_distill_loss(
         loss = fused_distill_loss(hs, ht, W, labels, temperature=2.0, ce_weight=1.0, hidden_weight=0.5)
         loss.backward()
     """
-    backend = backends.resolve(backend, student_hidden.device)
-    if backend == "cuda":
-        raise RuntimeError("fused_distill_loss has no cuda (csrc/) backend; use 'triton' or 'torch'")
+    backend = backends.resolve(backend, student_hidden.device, SUPPORTED_BACKENDS, "fused_distill_loss")
     weights = dict(kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight)
     _validate(student_hidden, teacher_hidden, weight, labels, temperature, weights, reduction, backend)
     teacher_hidden = teacher_hidden.detach()

@@ -1173,7 +1173,7 @@ def _(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_le
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
     """resolve(), then: the kernels cover fp32/bf16/fp16 and head dims 16..128; ``auto`` (or the
     environment) falls back to torch outside that, an explicit ``backend="triton"`` raises."""
-    chosen = backends.resolve(backend, q.device, supported=SUPPORTED_BACKENDS)
+    chosen = backends.resolve(backend, q.device, SUPPORTED_BACKENDS, "prefix_attention")
     if chosen == "triton":
         why = triton_unsupported(q)
         if why:
