@@ -77,18 +77,37 @@ def _bench(args) -> int:
     return 0
 
 
+def _load_model_dir(directory: str, device: str):
+    """A Hugging Face causal LM folder (offline) whose model_type the registry knows -> (model, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mptkern.models.registry import REGISTRY
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if config.model_type not in REGISTRY:
+        raise ValueError(f"{directory}: model_type {config.model_type!r} is not supported; supported types: "
+                         f"{sorted(REGISTRY)} (mptkern/models/registry.py)")
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model.requires_grad_(False).eval(), tokenizer
+
+
 def _serve(args) -> int:
+    from mptkern.serve.server import require_serve_stack
+
+    require_serve_stack()  # before loading anything: one line naming the pip command
     import torch
 
     from mptkern.models import load_default
-    from mptkern.prompts import MultitaskPrompt
+    from mptkern.prompts import MultitaskPrompt, read_peft_instructions
     from mptkern.serve import MultiTaskEngine, serve
 
-    prompts = {}
+    prompts, instructions = {}, {}
     if args.adapter:
         module = MultitaskPrompt.from_peft(args.adapter)
         names = module.task_names or ([f"task{i}" for i in range(module.num_tasks)] if module.num_tasks > 1 else ["default"])
         prompts.update({name: (module, i) for i, name in enumerate(names)})
+        instructions = {k: v for k, v in read_peft_instructions(args.adapter).items() if k in prompts}
     for spec in args.task:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
@@ -102,10 +121,20 @@ def _serve(args) -> int:
         print("give --adapter DIR and/or --task NAME=DIR", file=sys.stderr)
         return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer = load_default(device=device)
+    if args.model:
+        try:
+            model, tokenizer = _load_model_dir(args.model, device)
+        except (OSError, ValueError) as exc:
+            print(f"mptkern serve: cannot load --model {args.model}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        model, tokenizer = load_default(device=device)
+    paging = {k: v for k, v in (("kv_memory", args.kv_memory), ("block_size", args.block_size)) if v is not None}
     engine = MultiTaskEngine(model, tokenizer, prompts, max_batch_tokens=args.max_batch_tokens,
-                             max_running=args.max_running, max_seq_len=args.max_seq_len)
-    serve(engine, args.host, args.port, max_queue=args.max_queue, max_body=args.max_body)
+                             max_running=args.max_running, max_seq_len=args.max_seq_len, instructions=instructions,
+                             **paging)
+    serve(engine, args.host, args.port, max_queue=args.max_queue, max_body=args.max_body, max_batch=args.max_batch,
+          drain_timeout=args.drain_timeout, default_max_tokens=args.default_max_tokens)
     return 0
 
 
@@ -133,7 +162,10 @@ def main(argv=None) -> int:
     p.add_argument("name")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_bench)
-    p = sub.add_parser("serve", help="serve task prompts on the embedded model over an OpenAI-style HTTP API")
+    p = sub.add_parser("serve", help="serve task prompts over an OpenAI-compatible HTTP API (FastAPI + uvicorn)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a Hugging Face causal LM folder (offline; its model_type must be in mptkern/models/registry.py); "
+                        "default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--adapter", default=None, help="MultitaskPrompt PEFT adapter folder; every named task is served")
     p.add_argument("--task", action="append", default=[], metavar="NAME=DIR", help="a one-task PEFT adapter (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
@@ -142,8 +174,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most; more get 503")
+    p.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                   help="GiB of paged K/V blocks (default: the engine's)")
+    p.add_argument("--block-size", type=int, default=None, help="token positions per K/V block (default: the engine's)")
+    p.add_argument("--max-queue", type=int, default=256, help="choices waiting for the engine at most; more get 429")
+    p.add_argument("--max-batch", type=int, default=64, help="requests in the engine at once at most")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body bytes at most; more get 413")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds Ctrl-C lets accepted requests finish before the rest get 503")
+    p.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens of a request that gives none")
     p.set_defaults(fn=_serve)
     args = parser.parse_args(argv)
     from mptkern._optional import MissingDependency
