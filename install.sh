@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 case "${1:-}" in
-  "") extras="" ;;
+  "") extras="[serve]" ;;
   test) extras="[test,bench]" ;;
   *) echo "usage: ./install.sh [test]" >&2; exit 2 ;;
 esac
