@@ -537,12 +537,25 @@ def test_decode_paged_bad_input(override, message):
 
 
 def test_decode_paged_torch_path_makes_no_host_sync():
-    """On meta tensors (no values) any host read raises: validation and the paged torch path read none.
-    The dense path reads the largest cache length, and fails there."""
-    args = {k: (v.to(META) if torch.is_tensor(v) else v) for k, v in _paged_args().items()}
-    out, lse = prefix_attention_decode(**args, window=3, sinks=torch.zeros(4, device=META), return_lse=True, backend="torch")
+    """On meta tensors (no values) any host read raises. A step planned from host lists (as the engine
+    plans it) runs the paged torch path, validation included, without one; unplanned, the call reads
+    the prefix ids on the host, and the dense path the largest cache length: both fail there."""
+    a = _paged_args()
+    plan = plan_paged_decode([5, 3], [[0, 1], [2, -1]], block_size=4, num_blocks=5, prefix_ids=[0, -1], prefix_lens=[6],
+                             prefix_block_tables=[[3, 4]], device=META)
+    meta = {k: (v.to(META) if torch.is_tensor(v) else v) for k, v in a.items()}
+    out, lse = prefix_attention_decode(meta["q"], meta["k_cache"], meta["v_cache"], prefix_k=meta["prefix_k"],
+                                       prefix_v=meta["prefix_v"], plan=plan, window=3, sinks=torch.zeros(4, device=META),
+                                       return_lse=True, backend="torch")
     assert out.shape == (2, 4, 16) and lse.shape == (2, 4) and out.device == META
-    dense = dict(args, k_cache=torch.zeros(2, 8, 2, 16, device=META), v_cache=torch.zeros(2, 8, 2, 16, device=META),
+    cpu_plan = plan_paged_decode([5, 3], [[0, 1], [2, -1]], block_size=4, num_blocks=5, prefix_ids=[0, -1],
+                                 prefix_lens=[6], prefix_block_tables=[[3, 4]])
+    planned = prefix_attention_decode(a["q"], a["k_cache"], a["v_cache"], prefix_k=a["prefix_k"], prefix_v=a["prefix_v"],
+                                      plan=cpu_plan, window=3, backend="torch")
+    torch.testing.assert_close(planned, prefix_attention_decode(**a, window=3, backend="torch"), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="meta"):
+        prefix_attention_decode(**meta, backend="torch")
+    dense = dict(meta, k_cache=torch.zeros(2, 8, 2, 16, device=META), v_cache=torch.zeros(2, 8, 2, 16, device=META),
                  prefix_k=None, prefix_v=None, prefix_ids=None, prefix_lens=None, block_tables=None, prefix_block_tables=None)
     with pytest.raises(RuntimeError, match="meta"):
         prefix_attention_decode(**dense, backend="torch")

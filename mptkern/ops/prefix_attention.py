@@ -1273,103 +1273,74 @@ def _paged_rows(tables, lens, block_size):
     return blocks, (pos % block_size).expand_as(blocks), past
 
 
-def _paged_key_rows(lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables, block_size):
-    """Where each sequence's keys live, prefix rows first: pool block ids and in-block offsets
-    ``(B, Mp + Mo)``, the mask of the rows a sequence does not hold, every key's absolute position
-    ``(B, Mp + Mo)``, each query's position ``(B,)`` and Mp (host-known sizes, no host sync)."""
-    blocks, offsets, hidden = _paged_rows(block_tables, lens, block_size)
-    dev, B = lens.device, lens.shape[0]
-    own = torch.arange(blocks.shape[1], device=dev)[None]
-    if prefix_block_tables is None or not prefix_block_tables.shape[1]:
-        return blocks, offsets, hidden, own.expand(B, -1), lens - 1, 0
-    pid = prefix_ids.long().clamp(min=0)
-    plen = torch.where(prefix_ids >= 0, prefix_lens.long()[pid], 0)  # L_b, 0 without a prefix
-    p_blocks, p_offsets, p_hidden = _paged_rows(prefix_block_tables[pid], plen, block_size)
-    mp = p_blocks.shape[1]
-    key_pos = torch.cat([torch.arange(mp, device=dev)[None].expand(B, mp), own + plen[:, None]], 1)
-    return (torch.cat([p_blocks, blocks], 1), torch.cat([p_offsets, offsets], 1), torch.cat([p_hidden, hidden], 1),
-            key_pos, plen + lens - 1, mp)
-
-
-def _decode_torch_paged(qh, k_cache, v_cache, prefix_k, prefix_v, rows, window, sinks):
-    """Paged decode: each sequence's prefix rows and own rows (``rows``: :func:`_paged_key_rows`) are
-    gathered into one key set ``(B, Mp + Mo, Hkv, D)`` (one gather when the prefix lives in the
-    cache's pool), then one masked softmax with the sinks; each prefix is read once per sequence
-    that uses it. V's masked rows are zeroed, so that whatever the pool holds there (stale rows, NaN
-    in never-written memory) cannot reach the output. -> out (B, Hkv, G, D), lse (B, Hkv, G)."""
-    B, hkv, g, dim = qh.shape
-    blocks, offsets, hidden, key_pos, query_pos, mp = rows
-    if not mp or (prefix_k is k_cache and prefix_v is v_cache):
-        k, v = k_cache[blocks, offsets], v_cache[blocks, offsets]
-    else:
-        pb, po, ob, oo = blocks[:, :mp], offsets[:, :mp], blocks[:, mp:], offsets[:, mp:]
-        k = torch.cat([prefix_k[pb, po], k_cache[ob, oo]], 1)
-        v = torch.cat([prefix_v[pb, po], v_cache[ob, oo]], 1)
-    if window is not None:  # a key is visible iff its position > the query's - window
-        hidden = hidden | (key_pos <= (query_pos - window)[:, None])
-    v = v.masked_fill(hidden[:, :, None, None], 0.0)
-    m = k.shape[1]
-    scores = torch.matmul(qh, k.transpose(1, 2).to(qh.dtype).transpose(-1, -2))  # (B, Hkv, G, m)
-    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
-    sink = None if sinks is None else sinks.to(qh.dtype).view(1, hkv, g, 1).expand(B, hkv, g, 1).reshape(B * hkv, g, 1)
-    out, lse = _softmax_attend(scores.view(B * hkv, g, m), v.transpose(1, 2).to(qh.dtype).reshape(B * hkv, m, dim), sink)
-    return out.view(B, hkv, g, dim), lse.view(B, hkv, g)
-
-
 def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks,
-                  block_tables=None, prefix_block_tables=None, rows=None):
-    """The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key j at L_b + j.
-    Paged (``block_tables``): :func:`_decode_torch_paged` (``rows`` from a :class:`PagedDecodePlan`).
+                  plan=None):
+    """Cascade form. Every sequence's newest token attends to its own cache in one batched matmul over
+    all sequences; the prefix part is computed per prefix, the queries of every sequence sharing it
+    stacked into one matrix, so a prefix's keys are read once per call; the two partial softmaxes
+    merge through their LSEs (then the sinks). The query of sequence b sits at position
+    L_b + cache_lens[b] - 1; its own key j at L_b + j.
 
-    Dense slabs, cascade form: every sequence's newest token attends to its own cache in one batched
-    matmul over all sequences; the prefix part is a second partial softmax; the two merge through
-    their LSEs (then the sinks). One host sync (``lens.max()``) trims the slabs to what any sequence holds; the
-    prefix part is computed per prefix id (``prefix_ids`` read on the host), the queries of every
-    sequence sharing a prefix stacked into one matrix, so a prefix's keys are read once per call.
-    A cache stored head-major, ``(B, Hkv, S, D)`` passed as its ``transpose(1, 2)`` view, is read
-    in place."""
+    Dense slabs: one host sync (``lens.max()``) trims the slabs to what any sequence holds, and
+    ``prefix_ids``/``prefix_lens`` are read on the host; a cache stored head-major, ``(B, Hkv, S,
+    D)`` passed as its ``transpose(1, 2)`` view, is read in place. Paged (``plan``, a
+    :class:`PagedDecodePlan`): no host sync; the own keys are gathered through the block tables
+    into ``(B, max_blocks * block_size)`` rows (V's rows past each length zeroed, so that whatever
+    the pool holds there, stale rows or NaN in never-written memory, cannot reach the output), each
+    prefix's keys through its table row, and the grouping comes from the plan's host lists."""
     B, hq, dim = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
     acc, dev = _acc(q.dtype), q.device
     lens = cache_lens.long()
     qh = q.reshape(B, hkv, g, dim).to(acc) * scale
-    if block_tables is not None:
-        if rows is None:
-            rows = _paged_key_rows(lens, block_tables, prefix_ids, prefix_lens,
-                                   prefix_block_tables if prefix_k is not None else None, k_cache.shape[1])
-        out, lse = _decode_torch_paged(qh, k_cache, v_cache, prefix_k, prefix_v, rows, window, sinks)
-        return out.reshape(B, hq, dim).to(q.dtype), lse.reshape(B, hq).float()
-    used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
-    kc, vc = k_cache[:, :used], v_cache[:, :used]
-    blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
+    if plan is not None:
+        blocks, offsets, blocked = plan.rows
+        kc, vc = k_cache[blocks, offsets], v_cache[blocks, offsets].masked_fill(blocked[:, :, None, None], 0.0)
+        pids, plens = plan.host_prefix if plan.host_prefix is not None else ([], [])
+        bs, tables = plan.block_size, plan.prefix_block_tables
+
+        def prefix_rows(pid, lp):
+            pos = torch.arange(lp, device=dev)
+            rows = tables[pid].long()[pos // bs], pos % bs
+            return prefix_k[rows], prefix_v[rows]
+    else:
+        used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
+        kc, vc = k_cache[:, :used], v_cache[:, :used]
+        blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
+        if prefix_k is not None:
+            pids = prefix_ids.tolist()
+            plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
+        else:
+            pids, plens = [], []
+
+        def prefix_rows(pid, lp):
+            return prefix_k[pid, :lp], prefix_v[pid, :lp]
     if window is not None:
-        blocked |= torch.arange(kc.shape[1], device=dev)[None] <= lens[:, None] - 1 - window
+        blocked = blocked | (torch.arange(kc.shape[1], device=dev)[None] <= lens[:, None] - 1 - window)
     out, lse = _decode_part(qh, kc, vc, blocked)  # lse finite: the newest token is always visible
-    if prefix_k is not None:
-        pids = prefix_ids.tolist()
-        plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
-        order = sorted((b for b in range(B) if pids[b] >= 0 and plens[pids[b]] > 0), key=pids.__getitem__)
-        if order:
-            rows = torch.tensor(order, device=dev)
-            q_grp, lens_grp = qh[rows], lens[rows]
-            lse_pre = torch.empty(len(order), hkv, g, dtype=acc, device=dev)
-            out_pre = torch.empty(len(order), hkv, g, dim, dtype=acc, device=dev)
-            start = 0
-            while start < len(order):
-                pid = pids[order[start]]
-                end = start + sum(1 for b in order[start:] if pids[b] == pid)  # the sequences sharing this prefix
-                n, lp = end - start, plens[pid]
-                qg = q_grp[start:end].permute(1, 0, 2, 3).reshape(hkv, n * g, dim)  # (Hkv, n*G, D)
-                sp = torch.bmm(qg, prefix_k[pid, :lp].transpose(0, 1).to(acc).transpose(-1, -2))  # (Hkv, n*G, lp)
-                if window is not None:  # prefix key i is visible iff i > lp + cache_len - 1 - window
-                    hidden = torch.arange(lp, device=dev)[None] <= (lp + lens_grp[start:end] - 1 - window)[:, None]
-                    sp.masked_fill_(hidden.repeat_interleave(g, 0), float("-inf"))
-                og, lg = _softmax_attend(sp, prefix_v[pid, :lp].transpose(0, 1).to(acc))
-                lse_pre[start:end] = lg.view(hkv, n, g).transpose(0, 1)
-                out_pre[start:end] = og.view(hkv, n, g, dim).transpose(0, 1)
-                start = end
-            out[rows], lse[rows] = _merge_partials(out[rows], lse[rows], out_pre, lse_pre)
+    order = sorted((b for b in range(len(pids)) if pids[b] >= 0 and plens[pids[b]] > 0), key=pids.__getitem__)
+    if order:
+        rows = torch.tensor(order, device=dev)
+        q_grp, lens_grp = qh[rows], lens[rows]
+        lse_pre = torch.empty(len(order), hkv, g, dtype=acc, device=dev)
+        out_pre = torch.empty(len(order), hkv, g, dim, dtype=acc, device=dev)
+        start = 0
+        while start < len(order):
+            pid = pids[order[start]]
+            end = start + sum(1 for b in order[start:] if pids[b] == pid)  # the sequences sharing this prefix
+            n, lp = end - start, plens[pid]
+            pk, pv = prefix_rows(pid, lp)  # (lp, Hkv, D) each
+            qg = q_grp[start:end].permute(1, 0, 2, 3).reshape(hkv, n * g, dim)  # (Hkv, n*G, D)
+            sp = torch.bmm(qg, pk.transpose(0, 1).to(acc).transpose(-1, -2))  # (Hkv, n*G, lp)
+            if window is not None:  # prefix key i is visible iff i > lp + cache_len - 1 - window
+                hidden = torch.arange(lp, device=dev)[None] <= (lp + lens_grp[start:end] - 1 - window)[:, None]
+                sp.masked_fill_(hidden.repeat_interleave(g, 0), float("-inf"))
+            og, lg = _softmax_attend(sp, pv.transpose(0, 1).to(acc))
+            lse_pre[start:end] = lg.view(hkv, n, g).transpose(0, 1)
+            out_pre[start:end] = og.view(hkv, n, g, dim).transpose(0, 1)
+            start = end
+        out[rows], lse[rows] = _merge_partials(out[rows], lse[rows], out_pre, lse_pre)
     if sinks is not None:
         l_new = torch.logaddexp(lse, sinks.to(acc).view(hkv, g))
         out = out * torch.exp(lse - l_new)[..., None]
@@ -1463,9 +1434,10 @@ def _check_table_entries(name, table, lens, num_blocks, block_size):
 @dataclasses.dataclass(frozen=True, eq=False)
 class PagedDecodePlan:
     """The layout of one paged decode step, checked and prepared once for every layer that reads it
-    (an engine step runs the same step plan through all its layers): the int32 tensors the kernels
-    take, ``block_size`` and ``num_blocks`` of the pools they index, and, for the torch path, where
-    each sequence's keys live (:func:`_paged_key_rows`). Made by :func:`plan_paged_decode`."""
+    (an engine step runs the same plan through all its layers): the int32 tensors the kernels take,
+    ``block_size`` and ``num_blocks`` of the pools they index, and for the torch path the pool
+    coordinates of every sequence's own keys (``rows``) and the prefix ids and lengths as host lists
+    (``host_prefix``), so its layers never read the device. Made by :func:`plan_paged_decode`."""
 
     cache_lens: torch.Tensor
     block_tables: torch.Tensor
@@ -1475,21 +1447,28 @@ class PagedDecodePlan:
     block_size: int
     num_blocks: int
     rows: tuple
+    host_prefix: tuple[list[int], list[int]] | None
 
     @property
     def batch(self) -> int:
         return self.cache_lens.shape[0]
 
 
-def plan_paged_decode(cache_lens: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, num_blocks: int,
-                      prefix_ids: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
-                      prefix_block_tables: torch.Tensor | None = None) -> PagedDecodePlan:
+def plan_paged_decode(cache_lens, block_tables, *, block_size: int, num_blocks: int, prefix_ids=None,
+                      prefix_lens=None, prefix_block_tables=None, device=None) -> PagedDecodePlan:
     """Check and prepare a paged decode layout once, for :func:`prefix_attention_decode` ``(plan=)``
     calls on pools of ``num_blocks`` blocks of ``block_size`` rows (the cache's and, if any, the
-    prefix's pool). Arguments as in :func:`prefix_attention_decode`; the prefix ones go together.
-    Values are checked for CPU tensors only (as there). Raises ValueError."""
+    prefix's pool). Arguments as in :func:`prefix_attention_decode` (the prefix ones go together),
+    each a tensor or a host list (tables: lists of equal-length rows; lists are made into int32
+    tensors on ``device``). Given as lists, ``prefix_ids`` and ``prefix_lens`` are kept on the host
+    for the torch path; given as tensors they are read once here (a host sync on a GPU). Values are
+    checked for CPU tensors only. Raises ValueError."""
     if block_size < 1 or num_blocks < 1:
         raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size} and {num_blocks}")
+    host = [x if isinstance(x, (list, tuple)) else None for x in (prefix_ids, prefix_lens)]
+    as32 = lambda t: t if t is None or torch.is_tensor(t) else torch.tensor(t, dtype=torch.int32, device=device)  # noqa: E731
+    cache_lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables = (
+        as32(t) for t in (cache_lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables))
     if cache_lens.dim() != 1 or cache_lens.shape[0] == 0 or cache_lens.dtype.is_floating_point:
         raise ValueError(f"cache_lens must be a non-empty 1-D integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}")
     B, dev = cache_lens.shape[0], cache_lens.device
@@ -1516,10 +1495,13 @@ def plan_paged_decode(cache_lens: torch.Tensor, block_tables: torch.Tensor, *, b
             _check_prefix_ranges(P, prefix_block_tables.shape[1] * block_size, prefix_ids, prefix_lens,
                                  "max_prefix_blocks * block_size")
             _check_table_entries("prefix_block_tables", prefix_block_tables, prefix_lens.long(), num_blocks, block_size)
-    as32 = lambda t: t.to(torch.int32) if t is not None else None  # noqa: E731
-    rows = _paged_key_rows(lens, block_tables, prefix_ids, prefix_lens, prefix_block_tables, block_size)
-    return PagedDecodePlan(as32(cache_lens), as32(block_tables), as32(prefix_ids), as32(prefix_lens),
-                           as32(prefix_block_tables), block_size, num_blocks, rows)
+    host_prefix = None
+    if all(given):
+        host_prefix = tuple(list(h) if h is not None else t.tolist() for h, t in zip(host, (prefix_ids, prefix_lens)))
+    to32 = lambda t: t.to(torch.int32) if t is not None else None  # noqa: E731
+    return PagedDecodePlan(to32(cache_lens), to32(block_tables), to32(prefix_ids), to32(prefix_lens),
+                           to32(prefix_block_tables), block_size, num_blocks,
+                           _paged_rows(block_tables, lens, block_size), host_prefix)
 
 
 def _validate_planned(q, k_cache, v_cache, prefix_k, prefix_v, plan, window, sinks):
@@ -1619,18 +1601,23 @@ def prefix_attention_decode(
                                       torch.tensor([0, 0, -1, 0]), prefix_lens=torch.tensor([40]),
                                       block_tables=tables, prefix_block_tables=ptables)
     """
-    rows = None
     if plan is not None:
         if any(t is not None for t in (cache_lens, prefix_ids, prefix_lens, block_tables, prefix_block_tables)):
             raise ValueError("with plan=, cache_lens, prefix_ids, prefix_lens and the block tables come from the plan")
         _validate_planned(q, k_cache, v_cache, prefix_k, prefix_v, plan, window, sinks)
-        cache_lens, prefix_ids, prefix_lens = plan.cache_lens, plan.prefix_ids, plan.prefix_lens
-        block_tables, prefix_block_tables, rows = plan.block_tables, plan.prefix_block_tables, plan.rows
     elif cache_lens is None:
         raise ValueError("give cache_lens (or a plan)")
     else:
         _validate_decode(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, window, sinks,
                          block_tables, prefix_block_tables)
+        if block_tables is not None:  # planned here, for this call alone
+            plan = plan_paged_decode(cache_lens, block_tables, block_size=k_cache.shape[1], num_blocks=k_cache.shape[0],
+                                     prefix_ids=prefix_ids if prefix_k is not None else None,
+                                     prefix_lens=prefix_lens if prefix_k is not None else None,
+                                     prefix_block_tables=prefix_block_tables if prefix_k is not None else None)
+    if plan is not None:
+        cache_lens, prefix_ids, prefix_lens = plan.cache_lens, plan.prefix_ids, plan.prefix_lens
+        block_tables, prefix_block_tables = plan.block_tables, plan.prefix_block_tables
     backend = _pick_backend(backend, q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend == "triton":
@@ -1642,5 +1629,5 @@ def prefix_attention_decode(
     else:
         with torch.no_grad():
             out, lse = _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens,
-                                     scale, window, sinks, block_tables, prefix_block_tables, rows)
+                                     scale, window, sinks, plan)
     return (out, lse) if return_lse else out

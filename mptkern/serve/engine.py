@@ -574,11 +574,11 @@ class MultiTaskEngine:
                 plan.context_lens = self._rows([len(c) for c in contexts])
                 plan.prefill_context = self._rows(prefill_context)
         if decode:
-            as32 = lambda rows: torch.tensor(rows, dtype=torch.int32, device=self.device)  # noqa: E731
-            prefix = dict(prefix_ids=as32(decode_prefix), prefix_lens=as32(prefix_lens),
-                          prefix_block_tables=as32(_padded(prefix_tables, -1))) if prefix_tables else {}
-            plan.decode = plan_paged_decode(as32([r.length + 1 for r in decode]), as32(_padded(tables, -1)),
-                                            block_size=bs, num_blocks=kv.num_blocks, **prefix)
+            # host lists: the torch path groups the rows by prefix from them, with no device read
+            prefix = dict(prefix_ids=decode_prefix, prefix_lens=prefix_lens,
+                          prefix_block_tables=_padded(prefix_tables, -1)) if prefix_tables else {}
+            plan.decode = plan_paged_decode([r.length + 1 for r in decode], _padded(tables, -1), block_size=bs,
+                                            num_blocks=kv.num_blocks, device=self.device, **prefix)
         # rows whose logits are needed: the last token of each prefill that completes its request's
         # tokens, every decode token
         last, ends = [], _cumsum(seqlens)
