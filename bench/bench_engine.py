@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed passes per contender (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="smoke run: 2 tasks x 4 requests, 8 new tokens")
-    p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "engine.csv"))
+    p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "engine_concurrency.csv"),
+                   help="CSV to append to (engine.csv holds the rows before the concurrency levels)")
     args = p.parse_args(argv)
     if args.small:
         args.K, args.R, args.l, args.min_new, args.max_new, args.check, args.hf_batch = 2, 4, 8, 4, 8, 2, 4
@@ -286,7 +287,6 @@ def main(argv=None) -> int:
                              identical_requests=agree,
                              kv_peak_mib=round(kv_mib, 2) if engine_row else "",
                              slab_kv_mib=round(slab_mib, 2) if engine_row else ""))
-    harness.append_rows(args.out, rows, args.device)
     print(f"multi-task generation, SmolLM2-135M, l={args.l}, inputs {args.min_len}-{args.max_len} tokens, "
           f"{args.min_new}-{args.max_new} new tokens, greedy, {args.dtype} on {harness.device_name(args.device)}")
     print(f"{'contender':<16} {'reqs':>5} {'K':>3} {'tokens':>7} {'s':>8} {'tokens/s':>9} {'thr vs HF':>10} "
@@ -302,6 +302,7 @@ def main(argv=None) -> int:
           "per request, each task's prefix K/V held twice).")
     if not args.device.startswith("cuda"):
         print("CPU run: only the ratios measured side by side here count.")
+    harness.append_rows(args.out, rows, args.device)
     return 0
 
 

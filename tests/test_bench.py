@@ -104,13 +104,17 @@ def test_engine_bench_small_run_checks_agreement_and_writes_rows(monkeypatch, tm
 
     out = tmp_path / "engine.csv"
     assert bench_engine.main(["--small", "--out", str(out)]) == 0
-    rows = {r["contender"]: r for r in _read(out)}
+    written = _read(out)
     # hf-peft is timed only where peft's generate agrees with plain generate (not with transformers >= 5.24)
     peft_ok = "hf-peft left out" not in capsys.readouterr().out
-    assert set(rows) == {"mptkern-engine", "hf-generate"} | ({"hf-peft"} if peft_ok else set())
-    assert float(rows["hf-generate"]["throughput_vs_hf"]) == 1.0
-    assert all(int(r["tokens"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows.values())
-    assert int(rows["mptkern-engine"]["identical_requests"]) == 8
+    contenders = ["mptkern-engine", "hf-generate"] + (["hf-peft"] if peft_ok else [])
+    # --small times two concurrency levels, 1 and 8 requests, each with every contender
+    assert [(r["requests"], r["contender"]) for r in written] == [(n, c) for n in ("1", "8") for c in contenders]
+    level = {r["contender"]: r for r in written if r["requests"] == "8"}
+    assert float(level["hf-generate"]["throughput_vs_hf"]) == 1.0
+    assert all(int(r["tokens"]) > 0 and float(r["tokens_per_s"]) > 0 for r in written)
+    assert int(level["mptkern-engine"]["identical_requests"]) == 8
+    assert float(level["mptkern-engine"]["kv_peak_mib"]) > 0
 
     # a wrong PEFT baseline is left out, and the run still times the others
     real_generators = bench_engine.hf_generators
@@ -123,7 +127,7 @@ def test_engine_bench_small_run_checks_agreement_and_writes_rows(monkeypatch, tm
     monkeypatch.setattr(bench_engine, "hf_generators", wrong_peft)
     assert bench_engine.main(["--small", "--out", str(out)]) == 0
     assert "hf-peft left out" in capsys.readouterr().out
-    assert [r["contender"] for r in _read(out)[len(rows):]] == ["mptkern-engine", "hf-generate"]
+    assert [r["contender"] for r in _read(out)[len(written):]] == ["mptkern-engine", "hf-generate"] * 2
 
     # a wrong engine stops the run before anything is timed or written
     real = bench_engine.engine_run
