@@ -1263,59 +1263,148 @@ def _merge_partials(out, lse, out_pre, lse_pre):
     return out * torch.exp(lse - l_new)[..., None] + torch.where(seen[..., None], out_pre * w_pre, 0.0), l_new
 
 
-def _paged_rows(tables, lens, block_size):
-    """Pool coordinates of every row a table addresses, in order: block ids and in-block offsets
-    ``(R, max_blocks * block_size)`` and the mask of the rows at or past ``lens`` (R,). Entries past
-    ``ceil(lens / block_size)`` are not read (block 0 stands in for them)."""
+def _flat_rows(tables, lens, block_size):
+    """Flat pool rows (``block * block_size + offset``) of every row a table addresses, in order,
+    ``(R, max_blocks * block_size)`` long, and the mask of the rows at or past ``lens`` (R,), which
+    point at row 0 (entries past ``ceil(lens / block_size)`` are not read)."""
     pos = torch.arange(tables.shape[1] * block_size, device=tables.device)
     past = pos[None] >= lens[:, None]
-    blocks = torch.where(past, 0, tables.long().repeat_interleave(block_size, 1))
-    return blocks, (pos % block_size).expand_as(blocks), past
+    rows = tables.long().repeat_interleave(block_size, 1) * block_size + pos % block_size
+    return rows.masked_fill(past, 0), past
 
 
-def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks,
-                  plan=None):
-    """Cascade form. Every sequence's newest token attends to its own cache in one batched matmul over
-    all sequences; the prefix part is computed per prefix, the queries of every sequence sharing it
-    stacked into one matrix, so a prefix's keys are read once per call; the two partial softmaxes
-    merge through their LSEs (then the sinks). The query of sequence b sits at position
-    L_b + cache_lens[b] - 1; its own key j at L_b + j.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PagedTorchLayout:
+    """What the torch path of a paged decode step reads, made once per plan: the flat pool rows of
+    each sequence's own keys (``own``, ``own_past``: (B, S)) and of each prefix's keys (``pre``,
+    ``pre_past``: (P, Lp)); the queries stacked per prefix, ``n`` slots per prefix (``q_index``:
+    (P * n,) sequence of each slot, padding slots repeat sequence 0), ``slot`` (B,): each sequence's
+    slot, ``P * n`` for a sequence without a prefix; ``slot_lens``/``slot_plens`` (P * n,): the cache
+    and prefix length of each slot (for windows). ``pre`` is None without prefixes."""
 
-    Dense slabs: one host sync (``lens.max()``) trims the slabs to what any sequence holds, and
+    own: torch.Tensor
+    own_past: torch.Tensor
+    lens: torch.Tensor
+    pre: torch.Tensor | None = None
+    pre_past: torch.Tensor | None = None
+    n: int = 0
+    q_index: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+    slot_lens: torch.Tensor | None = None
+    slot_plens: torch.Tensor | None = None
+
+    @staticmethod
+    def build(tables, lens, block_size, prefix_tables, prefix_lens, host_prefix):
+        own, own_past = _flat_rows(tables, lens, block_size)
+        if host_prefix is None:
+            return _PagedTorchLayout(own, own_past, lens)
+        pids, plens = host_prefix
+        groups = [[] for _ in plens]
+        for b, p in enumerate(pids):
+            if p >= 0 and plens[p] > 0:
+                groups[p].append(b)
+        n = max(map(len, groups), default=0)
+        if n == 0:
+            return _PagedTorchLayout(own, own_past, lens)
+        P, dev = len(plens), lens.device
+        q_index = [b for members in groups for b in members + [0] * (n - len(members))]
+        slot = [P * n] * len(pids)
+        for p, members in enumerate(groups):
+            for j, b in enumerate(members):
+                slot[b] = p * n + j
+        pre, pre_past = _flat_rows(prefix_tables, prefix_lens, block_size)
+        q_index = torch.tensor(q_index, device=dev)
+        return _PagedTorchLayout(own, own_past, lens, pre, pre_past, n, q_index, torch.tensor(slot, device=dev),
+                                 lens[q_index], prefix_lens.repeat_interleave(n))
+
+
+def _decode_torch_paged(q, k_pool, v_pool, prefix_k, prefix_v, plan, scale, window, sinks):
+    """Paged cascade with no Python loop and no device read: each sequence's newest token attends to
+    its own keys, gathered through its table, in one batched matmul; each prefix's keys are gathered
+    once and attended by the queries of every sequence sharing it, stacked (P, n slots) in one more
+    batched matmul; the two partial softmaxes and the sinks merge by their LSEs. V rows past a
+    length are zeroed, so whatever the pool holds there (NaN in never-written memory included)
+    cannot reach the output."""
+    L = plan.torch_layout
+    B, hq, dim = q.shape
+    hkv = k_pool.shape[2]
+    g = hq // hkv
+    acc = _acc(q.dtype)
+    qh = q.reshape(B, hkv, g, dim).to(acc) * scale
+
+    def gather(pool_k, pool_v, rows, past):
+        R, m = rows.shape
+        k = pool_k.flatten(0, 1).index_select(0, rows.view(-1)).view(R, m, hkv, dim)
+        v = pool_v.flatten(0, 1).index_select(0, rows.view(-1)).view(R, m, hkv, dim)
+        return k.permute(0, 2, 3, 1).to(acc), v.masked_fill(past[:, :, None, None], 0.0).transpose(1, 2).to(acc)
+
+    k, v = gather(k_pool, v_pool, L.own, L.own_past)  # (B, Hkv, D, S), (B, Hkv, S, D)
+    S = L.own.shape[1]
+    hidden = L.own_past
+    if window is not None:
+        hidden = hidden | (torch.arange(S, device=q.device)[None] <= L.lens[:, None] - 1 - window)
+    scores = torch.matmul(qh, k).masked_fill_(hidden[:, None, None, :], float("-inf"))  # (B, Hkv, G, S)
+    out, lse = _softmax_attend(scores.view(B * hkv, g, S), v.reshape(B * hkv, S, dim))
+    out, lse = out.view(B, hkv, g, dim), lse.view(B, hkv, g)  # lse finite: the newest token is visible
+    parts = [(out, lse)]
+    if L.pre is not None:
+        P, lp = L.pre.shape
+        n = L.n
+        pk, pv = gather(prefix_k, prefix_v, L.pre, L.pre_past)  # (P, Hkv, D, Lp), (P, Hkv, Lp, D)
+        qg = qh.index_select(0, L.q_index).view(P, n, hkv, g, dim).transpose(1, 2).reshape(P, hkv, n * g, dim)
+        sp = torch.matmul(qg, pk).view(P, hkv, n, g, lp)
+        hidden = L.pre_past[:, None, None, None, :]
+        if window is not None:  # prefix key i is visible iff i > lp + cache_len - 1 - window
+            hide = torch.arange(lp, device=q.device)[None] <= (L.slot_plens + L.slot_lens - 1 - window)[:, None]
+            hidden = hidden | hide.view(P, 1, n, 1, lp)
+        sp.masked_fill_(hidden, float("-inf"))
+        op, lse_p = _softmax_attend(sp.view(P * hkv, n * g, lp), pv.reshape(P * hkv, lp, dim))
+        op = op.view(P, hkv, n, g, dim).transpose(1, 2).reshape(P * n, hkv, g, dim)
+        lse_p = lse_p.view(P, hkv, n, g).transpose(1, 2).reshape(P * n, hkv, g)
+        # one more slot for the sequences without a prefix (and NaN, a window hiding the whole prefix): no keys
+        op = torch.cat([op, op.new_zeros(1, hkv, g, dim)]).nan_to_num_(0.0)
+        lse_p = torch.cat([lse_p, lse_p.new_full((1, hkv, g), float("-inf"))]).nan_to_num_(float("-inf"))
+        parts.append((op.index_select(0, L.slot), lse_p.index_select(0, L.slot)))
+    if len(parts) == 1 and sinks is None:
+        return out.reshape(B, hq, dim).to(q.dtype), lse.reshape(B, hq).float()
+    peak = torch.stack([p[1] for p in parts]).amax(0)
+    if sinks is not None:
+        sink = sinks.to(acc).view(1, hkv, g)
+        peak = torch.maximum(peak, sink)
+    weights = [torch.exp(p[1] - peak) for p in parts]
+    denom = sum(weights)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - peak)
+    out = sum(o * w[..., None] for (o, _), w in zip(parts, weights)) / denom[..., None]
+    return out.reshape(B, hq, dim).to(q.dtype), (peak + denom.log()).reshape(B, hq).float()
+
+
+def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens, scale, window, sinks):
+    """Cascade form over dense slabs (paged: :func:`_decode_torch_paged`). Every sequence's newest
+    token attends to its own cache in one batched matmul over all sequences; the prefix part is
+    computed per prefix, the queries of every sequence sharing it stacked into one matrix, so a
+    prefix's keys are read once per call; the two partial softmaxes merge through their LSEs (then
+    the sinks). The query of sequence b sits at position L_b + cache_lens[b] - 1; its own key j at
+    L_b + j. One host sync (``lens.max()``) trims the slabs to what any sequence holds, and
     ``prefix_ids``/``prefix_lens`` are read on the host; a cache stored head-major, ``(B, Hkv, S,
-    D)`` passed as its ``transpose(1, 2)`` view, is read in place. Paged (``plan``, a
-    :class:`PagedDecodePlan`): no host sync; the own keys are gathered through the block tables
-    into ``(B, max_blocks * block_size)`` rows (V's rows past each length zeroed, so that whatever
-    the pool holds there, stale rows or NaN in never-written memory, cannot reach the output), each
-    prefix's keys through its table row, and the grouping comes from the plan's host lists."""
+    D)`` passed as its ``transpose(1, 2)`` view, is read in place."""
     B, hq, dim = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
     acc, dev = _acc(q.dtype), q.device
     lens = cache_lens.long()
     qh = q.reshape(B, hkv, g, dim).to(acc) * scale
-    if plan is not None:
-        blocks, offsets, blocked = plan.rows
-        kc, vc = k_cache[blocks, offsets], v_cache[blocks, offsets].masked_fill(blocked[:, :, None, None], 0.0)
-        pids, plens = plan.host_prefix if plan.host_prefix is not None else ([], [])
-        bs, tables = plan.block_size, plan.prefix_block_tables
-
-        def prefix_rows(pid, lp):
-            pos = torch.arange(lp, device=dev)
-            rows = tables[pid].long()[pos // bs], pos % bs
-            return prefix_k[rows], prefix_v[rows]
+    used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
+    kc, vc = k_cache[:, :used], v_cache[:, :used]
+    blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
+    if prefix_k is not None:
+        pids = prefix_ids.tolist()
+        plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
     else:
-        used = int(lens.max())  # one host sync; trims the slab to what any sequence holds
-        kc, vc = k_cache[:, :used], v_cache[:, :used]
-        blocked = torch.arange(used, device=dev)[None] >= lens[:, None]
-        if prefix_k is not None:
-            pids = prefix_ids.tolist()
-            plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
-        else:
-            pids, plens = [], []
+        pids, plens = [], []
 
-        def prefix_rows(pid, lp):
-            return prefix_k[pid, :lp], prefix_v[pid, :lp]
+    def prefix_rows(pid, lp):
+        return prefix_k[pid, :lp], prefix_v[pid, :lp]
     if window is not None:
         blocked = blocked | (torch.arange(kc.shape[1], device=dev)[None] <= lens[:, None] - 1 - window)
     out, lse = _decode_part(qh, kc, vc, blocked)  # lse finite: the newest token is always visible
@@ -1436,8 +1525,8 @@ class PagedDecodePlan:
     """The layout of one paged decode step, checked and prepared once for every layer that reads it
     (an engine step runs the same plan through all its layers): the int32 tensors the kernels take,
     ``block_size`` and ``num_blocks`` of the pools they index, and for the torch path the pool
-    coordinates of every sequence's own keys (``rows``) and the prefix ids and lengths as host lists
-    (``host_prefix``), so its layers never read the device. Made by :func:`plan_paged_decode`."""
+    coordinates of every key it reads and the queries grouped by prefix (``torch_layout``, built from
+    host lists), so its layers never read the device. Made by :func:`plan_paged_decode`."""
 
     cache_lens: torch.Tensor
     block_tables: torch.Tensor
@@ -1446,8 +1535,7 @@ class PagedDecodePlan:
     prefix_block_tables: torch.Tensor | None
     block_size: int
     num_blocks: int
-    rows: tuple
-    host_prefix: tuple[list[int], list[int]] | None
+    torch_layout: "_PagedTorchLayout"
 
     @property
     def batch(self) -> int:
@@ -1499,9 +1587,10 @@ def plan_paged_decode(cache_lens, block_tables, *, block_size: int, num_blocks: 
     if all(given):
         host_prefix = tuple(list(h) if h is not None else t.tolist() for h, t in zip(host, (prefix_ids, prefix_lens)))
     to32 = lambda t: t.to(torch.int32) if t is not None else None  # noqa: E731
+    layout = _PagedTorchLayout.build(block_tables, lens, block_size, prefix_block_tables,
+                                     prefix_lens.long() if all(given) else None, host_prefix)
     return PagedDecodePlan(to32(cache_lens), to32(block_tables), to32(prefix_ids), to32(prefix_lens),
-                           to32(prefix_block_tables), block_size, num_blocks,
-                           _paged_rows(block_tables, lens, block_size), host_prefix)
+                           to32(prefix_block_tables), block_size, num_blocks, layout)
 
 
 def _validate_planned(q, k_cache, v_cache, prefix_k, prefix_v, plan, window, sinks):
@@ -1628,6 +1717,9 @@ def prefix_attention_decode(
         )
     else:
         with torch.no_grad():
-            out, lse = _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens,
-                                     scale, window, sinks, plan)
+            if plan is not None:
+                out, lse = _decode_torch_paged(q, k_cache, v_cache, prefix_k, prefix_v, plan, scale, window, sinks)
+            else:
+                out, lse = _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_ids, prefix_lens,
+                                         scale, window, sinks)
     return (out, lse) if return_lse else out
