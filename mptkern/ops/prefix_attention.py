@@ -1402,9 +1402,6 @@ def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_id
         plens = prefix_lens.tolist() if prefix_lens is not None else [prefix_k.shape[1]] * prefix_k.shape[0]
     else:
         pids, plens = [], []
-
-    def prefix_rows(pid, lp):
-        return prefix_k[pid, :lp], prefix_v[pid, :lp]
     if window is not None:
         blocked = blocked | (torch.arange(kc.shape[1], device=dev)[None] <= lens[:, None] - 1 - window)
     out, lse = _decode_part(qh, kc, vc, blocked)  # lse finite: the newest token is always visible
@@ -1419,7 +1416,7 @@ def _decode_torch(q, k_cache, v_cache, cache_lens, prefix_k, prefix_v, prefix_id
             pid = pids[order[start]]
             end = start + sum(1 for b in order[start:] if pids[b] == pid)  # the sequences sharing this prefix
             n, lp = end - start, plens[pid]
-            pk, pv = prefix_rows(pid, lp)  # (lp, Hkv, D) each
+            pk, pv = prefix_k[pid, :lp], prefix_v[pid, :lp]  # (lp, Hkv, D) each
             qg = q_grp[start:end].permute(1, 0, 2, 3).reshape(hkv, n * g, dim)  # (Hkv, n*G, D)
             sp = torch.bmm(qg, pk.transpose(0, 1).to(acc).transpose(-1, -2))  # (Hkv, n*G, lp)
             if window is not None:  # prefix key i is visible iff i > lp + cache_len - 1 - window
