@@ -46,7 +46,8 @@ def _eval(args) -> int:
         if name not in tasks:
             print(f"{name}: no such task in the configured data", file=sys.stderr)
     runs = [EvalRun(name, tasks[name], (prompt, i)) for i, name in enumerate(names) if name in tasks]
-    scores = evaluate_runs(trainer.model, trainer.tokenizer, runs, max_new_tokens=config.max_new_tokens)
+    scores = evaluate_runs(trainer.model, trainer.tokenizer, runs, max_new_tokens=config.max_new_tokens,
+                           max_length=config.max_length, max_running=config.eval_max_running)
     for run in runs:  # every task's requests in one engine call
         res = scores[run.name]
         print(f"{run.name:<20} {res['metric']:<9} {res['score']:.3f}  (n={res['n']})")

@@ -19,7 +19,7 @@ from mptkern.data import InputFormat, Task
 from mptkern.eval import score
 from mptkern.serve.engine import MultiTaskEngine, Request
 
-MAX_RUNNING = 64  # requests decoding at once; bounds the engine's K/V slabs
+MAX_RUNNING = 64  # default requests decoding at once (TrainConfig.eval_max_running); bounds the engine's K/V slabs
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ def _world() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_tokens: int,
-                  max_length: int = 256, progress: bool = True) -> dict[str, dict]:
+                  max_length: int = 256, max_running: int = MAX_RUNNING, progress: bool = True) -> dict[str, dict]:
     """Greedy generation for every eval example of every run, parsed and scored with the task's
     metric. Returns ``{run name: score dict}``: :func:`mptkern.eval.score`'s fields (``metric``,
     ``score``, ``n``, ...) and ``texts``, the generated texts in ``task.eval`` order.
@@ -62,8 +62,11 @@ def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_t
             stops at EOS first.
         max_length: longest formatted input in tokens (the instruction/input part is cut to fit, as
             the training collator cuts it).
+        max_running: requests the engine decodes at once (its batch; it bounds the K/V memory).
         progress: show a bar over the requests (rank 0 only).
     """
+    if max_running < 1:
+        raise ValueError(f"max_running must be >= 1, got {max_running}")
     if not runs:
         return {}
     names = [r.name for r in runs]
@@ -78,8 +81,8 @@ def evaluate_runs(model: nn.Module, tokenizer, runs: list[EvalRun], *, max_new_t
     mine = items[rank::world]
     longest = max((len(ids) for _, _, ids in items), default=1)
     engine = MultiTaskEngine(model, tokenizer, {r.name: r.prompt for r in runs},
-                             max_running=max(1, min(MAX_RUNNING, len(mine))),
-                             max_batch_tokens=max(512, longest, min(MAX_RUNNING, len(mine))),
+                             max_running=max(1, min(max_running, len(mine))),
+                             max_batch_tokens=max(512, longest, min(max_running, len(mine))),
                              max_seq_len=longest + max(budget.values()))
     with tqdm(total=len(mine), desc="evaluation", unit="req", disable=rank != 0 or not progress) as bar:
         results = engine.generate([Request(task=r.name, input_ids=ids, max_new_tokens=budget[r.task.name])

@@ -3,7 +3,9 @@
 Every stage trains prompt parameters only, on a frozen backbone, through ``PromptedLM`` (each
 task's prompt computed once per batch). Batches are a pure function of ``(seed, stage, step)``, so a
 stage resumed from its checkpoint continues exactly as an uninterrupted run would. Checkpoints are
-written atomically; every logged step goes to ``<output_dir>/log.jsonl``.
+written atomically and record the config's fingerprint: a stage resumes only under the config that
+wrote its checkpoint (:func:`mptkern.train.config.config_fingerprint` lists the keys that may
+change). Every logged step goes to ``<output_dir>/log.jsonl``.
 
 Example::
 
@@ -30,7 +32,7 @@ from mptkern.models import PromptedLM
 from mptkern.ops import fused_distill_loss
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.train.checkpoint import load_checkpoint, save_checkpoint
-from mptkern.train.config import StageConfig, TrainConfig
+from mptkern.train.config import StageConfig, TrainConfig, config_fingerprint
 from mptkern.train.evaluation import EvalRun, evaluate_runs
 from mptkern.train.grid import PROMPT_METHODS, PromptStack, Run, per_run_mean
 from mptkern.train.report import format_results, plot_results, write_results
@@ -150,6 +152,14 @@ class MPTTrainer:
     def _collator(self, tasks):
         return Collator(self.tokenizer, {t.name: i for i, t in enumerate(tasks)}, max_length=self.config.max_length)
 
+    def _fingerprint(self) -> dict:
+        """The config's fingerprint, with the dtype ``"auto"`` resolved to (weights differ by dtype)."""
+        return config_fingerprint(self.config, dtype=str(self.dtype).removeprefix("torch."))
+
+    def _resume_state(self, path: Path) -> dict | None:
+        """The checkpoint at ``path``, or None; a ValueError when a different config wrote it."""
+        return load_checkpoint(path, fingerprint=self._fingerprint())
+
     def _seed(self, name: str) -> None:
         """Seed torch for the random initialisation of ``name``: runs are a function of the config."""
         torch.manual_seed(zlib.crc32(f"{self.config.seed}-{name}".encode()))
@@ -192,7 +202,7 @@ class MPTTrainer:
         opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
         ckpt_path, start, losses = self.out / f"{name}.ckpt", 0, []
-        state = load_checkpoint(ckpt_path)
+        state = self._resume_state(ckpt_path)
         if state is not None:  # only trainable tensors are saved: a LoRA model's frozen base is not
             unexpected = module.load_state_dict(state["params"], strict=False).unexpected_keys
             if unexpected or set(state["params"]) != {n for n, p in module.named_parameters() if p.requires_grad}:
@@ -205,7 +215,8 @@ class MPTTrainer:
             if self.rank == 0:
                 trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
                 save_checkpoint(ckpt_path, dict(params=trainable, optimizer=opt.state_dict(),
-                                                scheduler=sched.state_dict(), step=step, losses=losses))
+                                                scheduler=sched.state_dict(), step=step, losses=losses,
+                                                fingerprint=self._fingerprint()))
             if self.world > 1:
                 torch.distributed.barrier()
 
@@ -293,11 +304,11 @@ class MPTTrainer:
         sampler = TaskSubsetSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed + 1, min_tasks=loss_cfg.min_tasks)
         batches = _batches(sampler, cfg.steps, self._micro(cfg))
         head = self.model.lm_head.weight
-        cache, done = None, load_checkpoint(self.out / "distill.ckpt")
+        cache, done = None, self._resume_state(self.out / "distill.ckpt")
         if done is None or done["step"] < cfg.steps:
             cache = build_teacher_cache(t_lm, collate, examples, batches, device=self.device,
                                         mode=loss_cfg.teacher_cache, folder=self.out / "teacher_cache",
-                                        disable_bar=self.rank != 0)
+                                        batch_size=loss_cfg.teacher_cache_batch_size, disable_bar=self.rank != 0)
             self.teacher_cache_mode = "off" if cache is None else cache.mode
 
         def step_loss(step, micro):
@@ -398,7 +409,7 @@ class MPTTrainer:
             # unmerging after would leave rounding residue in them after every run
             res = evaluate_runs(peft_model.get_base_model(), self.tokenizer, [EvalRun(run.name, run.task, None)],
                                 max_new_tokens=self.config.max_new_tokens, max_length=self.config.max_length,
-                                progress=False)[run.name]
+                                max_running=self.config.eval_max_running, progress=False)[run.name]
             if self.rank == 0:
                 peft_model.save_pretrained(self.out / "adapters", selected_adapters=[run.name])
             return self._row(run, sum(p.numel() for p in params), res)
@@ -406,11 +417,13 @@ class MPTTrainer:
             peft_model.set_adapter(IDLE_ADAPTER)
             peft_model.delete_adapter(run.name)
 
-    @staticmethod
-    def _lora_config():
+    def _lora_config(self):
+        """The LoRA baseline's ``peft.LoraConfig``, from ``config.lora``."""
         from peft import LoraConfig
 
-        return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        cfg = self.config.lora
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules))
 
     def _lora_size(self) -> int:
         """Trainable parameters of one LoRA adapter: r (in + out) per adapted projection."""
@@ -440,12 +453,13 @@ class MPTTrainer:
         prompt_runs = [r for r in runs if r.method in PROMPT_METHODS]
         prompts = {r.name: self.target_prompt(r, student) for r in prompt_runs}
         trained = [r for r in prompt_runs if r.k]
-        self.train_prompt_grid(trained, [prompts[r.name] for r in trained])
+        if trained:  # none when every k is 0
+            self.train_prompt_grid(trained, [prompts[r.name] for r in trained])
         lora_runs = [r for r in runs if r.method == "lora"]
         evals = [EvalRun(r.name, r.task, prompts[r.name]) for r in prompt_runs]
         evals += [EvalRun(r.name, r.task, None) for r in lora_runs if not r.k]
         scores = evaluate_runs(self.model, self.tokenizer, evals, max_new_tokens=self.config.max_new_tokens,
-                               max_length=self.config.max_length)
+                               max_length=self.config.max_length, max_running=self.config.eval_max_running)
         rows = {r.name: self._row(r, sum(p.numel() for p in prompts[r.name].parameters()), scores[r.name])
                 for r in prompt_runs}
         rows.update((r.name, self._row(r, self._lora_size(), scores[r.name])) for r in lora_runs if not r.k)
