@@ -39,7 +39,7 @@ def hf_texts(model, tokenizer, prompt, task, *, max_new_tokens: int, batch_size:
     as it is). Returns the decoded continuations without special tokens."""
     from mptkern.data import InputFormat
     from mptkern.models import concat_prompt
-    from mptkern.models.prompted import _attention_implementation
+    from mptkern.models.attention import attention_implementation
     from mptkern.models.registry import entry_for
 
     fmt, dev = InputFormat(tokenizer), model.get_input_embeddings().weight.device
@@ -54,7 +54,7 @@ def hf_texts(model, tokenizer, prompt, task, *, max_new_tokens: int, batch_size:
         if prompt is not None:
             module, index = prompt
             embeds, mask = concat_prompt(module(torch.full((len(rows),), index, device=dev)), embeds, mask)
-        with _attention_implementation(model, entry_for(model.config).reference_attention), torch.no_grad():
+        with attention_implementation(model, entry_for(model.config).reference_attention), torch.no_grad():
             out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -28,7 +28,7 @@ def assert_within_baseline(actual, oracle, baseline, *, name="", floor=None):
 
 
 def prefix_attention(q, k, v, cu_seqlens, prefix_k=None, prefix_v=None, prefix_ids=None, *, prefix_lens=None,
-                     softmax_scale=None, window=None, sinks=None):
+                     softmax_scale=None, window=None, sinks=None, softcap=None):
     """Float64 (out (N, Hq, D), lse (N, Hq)): a loop over every query and head, keys listed by position."""
     N, hq, dim = q.shape
     g = hq // k.shape[1]
@@ -48,6 +48,8 @@ def prefix_attention(q, k, v, cu_seqlens, prefix_k=None, prefix_v=None, prefix_i
             V = torch.stack([vv for _, vv in seen]).double()
             for h in range(hq):
                 s = (K[:, h // g] @ q[cu[b] + i, h].double()) * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
                 if sinks is not None:
                     s = torch.cat([s, sinks[h].double().view(1)])
                 p = torch.softmax(s, 0)[: len(seen)]

@@ -1,11 +1,12 @@
 """MultiTaskEngine: greedy outputs equal HF generate on the PEFT-style concatenated prompt."""
 
 import importlib
+import types
 
 import pytest
 import torch
 
-from mptkern.models.prompted import _attention_implementation
+from mptkern.models.attention import attention_implementation
 from mptkern.models.registry import entry_for
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.serve import MultiTaskEngine, Request
@@ -48,7 +49,7 @@ def prompts(model, seed=0):
 def hf_greedy(model, prompt_rows, ids, max_new_tokens):
     embeds = torch.cat([prompt_rows, model.get_input_embeddings()(torch.tensor(ids))])[None]
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    with _attention_implementation(model, entry_for(model.config).reference_attention), torch.no_grad():
+    with attention_implementation(model, entry_for(model.config).reference_attention), torch.no_grad():
         out = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=EOS, pad_token_id=0)
     return out[0].tolist()
@@ -265,7 +266,7 @@ def test_smollm2_greedy_matches_hf_generate(tmp_path):
     for req, res in zip(reqs, results):
         ids = tok.encode(req.text, add_special_tokens=False)
         embeds = torch.cat([prompt_rows((multi, multi.task_index(req.task))), model.get_input_embeddings()(torch.tensor(ids))])[None]
-        with _attention_implementation(model, "sdpa"), torch.no_grad():
+        with attention_implementation(model, "sdpa"), torch.no_grad():
             hf = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                 do_sample=False, max_new_tokens=6)
         assert res.token_ids == hf[0].tolist(), req
@@ -387,8 +388,10 @@ def test_engine_on_the_triton_kernels_matches_hf_generate(make, monkeypatch):
         pytest.skip(why_unavailable("triton", torch.device("cpu")))
     monkeypatch.setenv("MPTKERN_BACKEND", "triton")
     pa = importlib.import_module("mptkern.ops.prefix_attention")  # the module (mptkern.ops exports the function)
-    for name in ("_decode_torch", "_prefix_attention_torch"):  # prove the torch paths stay unused
-        monkeypatch.setattr(pa, name, lambda *a, **k: pytest.fail("the torch path ran"))
+    ran = lambda *a, **k: pytest.fail("the torch path ran")  # noqa: E731 -- prove the torch paths stay unused
+    for name in ("_decode_torch", "_decode_torch_paged"):
+        monkeypatch.setattr(pa, name, ran)
+    monkeypatch.setattr(pa, "TorchPrefixAttention", types.SimpleNamespace(apply=ran))
     model = make()
     specs = prompts(model)
     engine = MultiTaskEngine(model, CharTokenizer(), specs, max_batch_tokens=24, max_running=3, max_seq_len=32)
@@ -480,7 +483,7 @@ def test_logprobs_are_the_models_log_softmax():
         updates += [u for u in engine.step() if u.request_id == rid]
     res = updates[-1].result
     embeds = torch.cat([prompt_rows(specs["qa"]), model.get_input_embeddings()(torch.tensor(req.input_ids))])[None]
-    with _attention_implementation(model, "sdpa"), torch.no_grad():
+    with attention_implementation(model, "sdpa"), torch.no_grad():
         out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                              do_sample=False, max_new_tokens=5, eos_token_id=EOS, pad_token_id=0, output_logits=True,
                              return_dict_in_generate=True)

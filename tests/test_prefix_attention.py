@@ -1,4 +1,5 @@
 import importlib
+import re
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from mptkern.ops.prefix_attention import plan_paged_decode, prefix_attention_dec
 from tests import reference as ref
 
 MOD = importlib.import_module("mptkern.ops.prefix_attention")
+TILES = importlib.import_module("mptkern.ops.prefix_attention.tiles")
+DECODE = importlib.import_module("mptkern.ops.prefix_attention.decode")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -86,7 +89,7 @@ def test_bf16_within_twice_plain_torch_error(backend, shipped_blocks, monkeypatc
     if shipped_blocks:
         if backend == "torch":
             pytest.skip("tile sizes are the triton backend's")
-        monkeypatch.setattr(MOD, "INTERPRET_BLOCK", None)  # the GPU's 16-bit configurations
+        monkeypatch.setattr(TILES, "INTERPRET_BLOCK", None)  # the GPU's 16-bit configurations
     q, k, v, cu, pk, pv, ids, s = _case([7, 37, 129], 2, 100, 4, 2, 16, [1, 0, 1], dtype=torch.bfloat16, sinks=True)
     out = prefix_attention(q, k, v, cu, pk, pv, ids, sinks=s, window=120, backend=backend)
     args = [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in (q, k, v, cu, pk, pv, ids, s)]
@@ -106,7 +109,7 @@ def test_bf16_within_twice_plain_torch_error(backend, shipped_blocks, monkeypatc
 
 def test_memory_is_per_sequence_not_packed_batch(monkeypatch):
     """The torch path never builds an N x N score matrix over the packed batch."""
-    mod = importlib.import_module("mptkern.ops.prefix_attention")
+    mod = importlib.import_module("mptkern.ops.prefix_attention.reference")
 
     seen = []
     real = mod._attend_one
@@ -123,7 +126,7 @@ def test_memory_is_per_sequence_not_packed_batch(monkeypatch):
 
 BAD = [
     (dict(q=torch.randn(4, 3, 8)), "heads (3) must be a multiple"),
-    (dict(cu_seqlens=torch.tensor([0, 2, 3], dtype=torch.int32)), "cu_seqlens must rise from 0 to N=4"),
+    (dict(cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)), "cu_seqlens must rise from 0 to N=4"),
     (dict(cu_seqlens=torch.tensor([0, 4.0])), "cu_seqlens must be an int32 tensor"),
     (dict(prefix_ids=torch.tensor([2])), "prefix_ids must lie in [-1, 2)"),
     (dict(prefix_k=torch.randn(2, 5, 2, 4)), "prefix_k and prefix_v must have shape (P, Lp, Hkv=2, D=8)"),
@@ -133,6 +136,68 @@ BAD = [
     (dict(k=torch.randn(4, 2, 8, dtype=torch.float64)), "k is torch.float64"),
     (dict(prefix_lens=torch.tensor([6, 1])), "prefix_lens must lie in [0, Lp=5]"),
 ]
+
+
+BAD_PLANS = [
+    (dict(seqlens=[]), "seqlens must hold B >= 1 lengths"),
+    (dict(seqlens=[0, 0]), "with a positive sum"),
+    (dict(seqlens=[2, -1]), "lengths >= 0"),
+    (dict(seqlens=[2, 1.5]), "seqlens must hold ints"),
+    (dict(prefix_ids=[0, 2], prefix_shape=(2, 5)), "prefix_ids must lie in [-1, 2)"),
+    (dict(prefix_ids=[0], prefix_shape=(2, 5)), "prefix_ids must have 2 entries"),
+    (dict(prefix_ids=[0, 1]), "prefix_ids and prefix_shape go together"),
+    (dict(prefix_ids=[0, 1], prefix_shape=(2, 5), prefix_lens=[5, 6]), "prefix_lens must lie in [0, Lp=5]"),
+    (dict(prefix_lens=[3]), "prefix_lens given without prefix_ids"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_PLANS, ids=[m for _, m in BAD_PLANS])
+def test_bad_plan(override, message):
+    args = dict(seqlens=[3, 1]) | override
+    with pytest.raises(ValueError) as info:
+        MOD.plan_prefix_attention(args.pop("seqlens"), args.pop("prefix_ids", None), **args)
+    assert message in str(info.value)
+
+
+def test_softcap_matches_float64_oracle_with_gradients():
+    """Soft-capped scores (Gemma 2), the torch path, against the oracle: out, LSE and every gradient
+    (through the cap); and ``auto``/triton on a softcap: auto takes torch, triton refuses."""
+    q, k, v, cu, pk, pv, ids, sinks = _case([5, 3], 2, 4, 4, 2, 8, [1, -1], sinks=True)
+    q = q * 4  # scores large enough for the cap to bind
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv, sinks)]
+    out, lse = prefix_attention(*leaves[:3], cu, *leaves[3:5], ids, window=6, sinks=leaves[5], softcap=1.5,
+                                return_lse=True, backend="torch")
+    ref_out, ref_lse = ref.prefix_attention(*leaves[:3], cu, *leaves[3:5], ids, window=6, sinks=leaves[5], softcap=1.5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    uncapped = ref.prefix_attention(*leaves[:3], cu, *leaves[3:5], ids, window=6, sinks=leaves[5])[0]
+    assert (uncapped - ref_out).abs().max() > 0.05  # the cap binds
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum() + lse.sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * w).sum() + ref_lse.sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "pk", "pv", "sinks"), grads, ref_grads):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="no logit soft-capping"):
+        prefix_attention(q.float(), k, v, cu, pk, pv, ids, softcap=1.5, backend="triton")
+    with pytest.raises(ValueError, match="softcap must be a positive number"):
+        prefix_attention(q, k, v, cu, pk, pv, ids, softcap=0.0)
+
+
+def test_planned_call_checks_the_call_against_the_plan():
+    q, k, v, cu, pk, pv, ids, _ = _case([3, 1], 2, 5, 4, 2, 8, [1, -1])
+    plan = MOD.plan_prefix_attention([3, 1], [1, -1], prefix_shape=(2, 5))
+    torch.testing.assert_close(prefix_attention(q, k, v, None, pk, pv, plan=plan), prefix_attention(q, k, v, cu, pk, pv, ids))
+    for call, message in [
+        (lambda: prefix_attention(q[:3], k[:3], v[:3], None, pk, pv, plan=plan), "q must have shape (N=4, Hq, D)"),
+        (lambda: prefix_attention(q, k, v, None, pk[:1], pv[:1], plan=plan), "prefix_k must have shape (P, Lp) = (2, 5)"),
+        (lambda: prefix_attention(q, k, v, None, plan=plan), "go with a plan made with prefix_ids"),
+        (lambda: prefix_attention(q, k, v, cu, pk, pv, plan=plan), "come from the plan"),
+        (lambda: prefix_attention(q, k, v, None, pk, pv), "give cu_seqlens (or a plan)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    with pytest.raises(TypeError, match="PrefixAttentionPlan"):
+        prefix_attention(q, k, v, None, pk, pv, plan=object())
 
 
 @pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
@@ -168,7 +233,7 @@ def _grads(out, leaves, seed=5):
 def test_head_dim_64_with_shipped_tiles(monkeypatch):
     """The shipped fp32 tile sizes (not the interpreter's small ones) on a D=64 case."""
     _triton_or_skip()
-    monkeypatch.setattr(MOD, "INTERPRET_BLOCK", None)
+    monkeypatch.setattr(TILES, "INTERPRET_BLOCK", None)
     q, k, v, cu, pk, pv, ids, s = _case([129, 37], 2, 100, 4, 1, 64, [1, 1], sinks=True)
     out, lse = prefix_attention(q, k, v, cu, pk, pv, ids, window=50, sinks=s, return_lse=True, backend="triton")
     args = [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in (q, k, v, cu, pk, pv, ids, s)]
@@ -252,9 +317,10 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
 def test_torch_compile_fullgraph_triton():
     _triton_or_skip()
     q, k, v, cu, pk, pv, ids, s = _case([7, 5], 2, 5, 4, 2, 16, [1, 0], sinks=True)
+    plan = MOD.plan_prefix_attention([7, 5], [1, 0], prefix_shape=tuple(pk.shape[:2]))  # made outside, as documented
 
     def f(q, k, v, pk, pv, s):
-        return (prefix_attention(q, k, v, cu, pk, pv, ids, window=6, sinks=s, backend="triton") * 2).sum()
+        return (prefix_attention(q, k, v, None, pk, pv, plan=plan, window=6, sinks=s, backend="triton") * 2).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     leaves = (q, k, v, pk, pv, s)
@@ -268,7 +334,9 @@ def test_torch_compile_fullgraph_triton():
 def test_opcheck_triton_ops():
     _triton_or_skip()
     q, k, v, cu, pk, pv, ids, s = _case([3, 4], 2, 3, 2, 1, 16, [1, -1], sinks=True)
-    args = (q, k, v, cu, pk, pv, ids.to(torch.int32), None, s, 0.25, 4)
+    plan = MOD.plan_from_tensors(cu, ids, None, pk, q.shape[0])
+    args = (q, k, v, plan.cu_seqlens, pk, pv, plan.prefix_ids, plan.prefix_lens, s, 0.25, 4, plan.query_schedule(16),
+            plan.query_schedule(16), *plan.key_schedule(16))
     torch.library.opcheck(torch.ops.mptkern.prefix_attention_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -306,7 +374,7 @@ def test_decode_is_the_last_row_of_prefill(case, splits, head_major, backend, mo
     (the engine's layout), read through their strides."""
     if backend == "torch" and splits > 1:
         pytest.skip("split-K is the triton kernel's")
-    monkeypatch.setattr(MOD, "DECODE_TARGET_PROGRAMS", splits)
+    monkeypatch.setattr(DECODE, "DECODE_TARGET_PROGRAMS", splits)
     n, S, P, Lp, hq, hkv, dim, pids, plens, window, sinks = case
     g = torch.Generator().manual_seed(7)
     q, kc, vc, pk, pv, ids, lens, s = _decode_inputs(case, g)
@@ -384,7 +452,7 @@ def test_decode_paged_equals_dense(case, splits, layout, backend, monkeypatch):
     block_size, head_major, dtype = layout
     if backend == "torch" and splits > 1:
         pytest.skip("split-K is the triton kernel's")
-    monkeypatch.setattr(MOD, "DECODE_TARGET_PROGRAMS", splits)
+    monkeypatch.setattr(DECODE, "DECODE_TARGET_PROGRAMS", splits)
     n, S, P, Lp, hq, hkv, dim, pids, plens, window, sinks = case
     g = torch.Generator().manual_seed(11)
     B = len(n)
@@ -448,7 +516,7 @@ def test_decode_plan_bad_input():
 def test_decode_paged_shipped_tiles_bf16(monkeypatch):
     """bf16 with the GPU's decode tiles (64 keys): each tile spans blocks of 6 rows from all over the pool."""
     _triton_or_skip()
-    monkeypatch.setattr(MOD, "INTERPRET_BLOCK", None)
+    monkeypatch.setattr(TILES, "INTERPRET_BLOCK", None)
     g = torch.Generator().manual_seed(12)
     n, hq, hkv, dim, plens = [130, 7, 64], 8, 2, 64, [100, 6]
     q = torch.randn(3, hq, dim, generator=g).bfloat16()

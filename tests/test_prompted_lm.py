@@ -105,7 +105,7 @@ def test_unsupported_model_type_lists_supported():
     class Fake(torch.nn.Module):
         config = Cfg()
 
-    with pytest.raises(ValueError, match=r"supported types: \['gpt_oss', 'llama'\]"):
+    with pytest.raises(ValueError, match=r"model_type 'bert' is not supported; supported types: \['gemma2', 'gpt_oss', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
         PromptedLM(Fake(), MultitaskPrompt(1, 2, 4))
 
 

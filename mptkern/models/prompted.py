@@ -4,66 +4,39 @@ With ``share_prefix=True`` the prompts of the batch's distinct tasks and the inp
 packed into one token stream: each task's prompt is computed once per batch, whatever the number of
 its sequences. Prompt rows sit at positions 0..l-1 and attend causally among themselves; input
 tokens sit at positions l, l+1, ... and see their task's whole prompt plus their own earlier tokens,
-through :func:`mptkern.ops.prefix_attention`, registered with transformers' AttentionInterface (no
-model code is copied). ``share_prefix=False`` is the PEFT-style concatenation, kept as the reference.
+through :func:`mptkern.ops.prefix_attention`, run by the one attention function of
+:mod:`mptkern.models.attention` (no model code is copied). The layout is planned once per forward on
+the host (one read of the rows' lengths and task ids) and every layer and the backward reuse it. ``share_prefix=False`` is the PEFT-style concatenation, kept as the reference.
 Both give the same function.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
 
+from mptkern.models.attention import attention_implementation, run_decoder
 from mptkern.models.registry import entry_for
-from mptkern.ops import fused_distill_loss, prefix_attention
-
-ATTENTION_NAME = "mptkern_prefix"
+from mptkern.ops import PrefixAttentionPlan, fused_distill_loss, plan_prefix_attention, prefix_attention
 
 
-@dataclasses.dataclass
-class _Pack:
-    """How the packed stream is laid out: U prompts of l rows, then the B inputs' real tokens."""
+@dataclasses.dataclass(frozen=True)
+class PromptPack:
+    """The attention plan of one shared-prefix forward: U prompts of l rows packed first, then the B
+    inputs' real tokens; ``plan`` lays out the U + B sequences (the prompts see nobody's prefix, each
+    input sees its task's prompt, which is the first U * l rows of every layer's k and v)."""
 
     num_prompts: int
     prompt_len: int
-    cu_seqlens: torch.Tensor  # (U + B + 1,) int32
-    prefix_ids: torch.Tensor  # (U + B,) -1 for the prompt sequences themselves
+    plan: PrefixAttentionPlan
 
-
-def _prefix_attention_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                         s_aux=None, mptkern_pack: _Pack | None = None, **kwargs):
-    """transformers attention function: query (1, Hq, N, D), key/value (1, Hkv, N, D) -> (1, N, Hq, D)."""
-    if mptkern_pack is None:
-        raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside PromptedLM (it needs the packing layout)")
-    if dropout:
-        raise ValueError("PromptedLM runs a frozen model: attention dropout must be 0 (call model.eval())")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    rows = mptkern_pack.num_prompts * mptkern_pack.prompt_len
-    shape = (mptkern_pack.num_prompts, mptkern_pack.prompt_len, *k.shape[1:])
-    out = prefix_attention(
-        q, k, v, mptkern_pack.cu_seqlens, k[:rows].reshape(shape), v[:rows].reshape(shape), mptkern_pack.prefix_ids,
-        softmax_scale=scaling, window=sliding_window, sinks=s_aux,
-    )
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(ATTENTION_NAME, _prefix_attention_hf)
-
-
-@contextlib.contextmanager
-def _attention_implementation(model, name: str):
-    """Run ``model`` with attention implementation ``name``; the previous one is restored after."""
-    old = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
+    def attend(self, layer, q, k, v, *, scale, window, sinks, softcap):
+        rows = self.num_prompts * self.prompt_len
+        shape = (self.num_prompts, self.prompt_len, *k.shape[1:])
+        return prefix_attention(q, k, v, None, k[:rows].view(shape), v[:rows].view(shape), plan=self.plan,
+                                softmax_scale=scale, window=window, sinks=sinks, softcap=softcap)
 
 
 def concat_prompt(prompts: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
@@ -141,7 +114,7 @@ class PromptedLM(nn.Module):
             labels = labels.masked_fill(~real, -100)
         run = self._forward_shared if self.share_prefix else self._forward_concat
         hidden, predictors = run(input_ids, real, task_ids)
-        logits = self.model.lm_head(hidden) if return_logits else None
+        logits = self.entry.logits(self.model, hidden) if return_logits else None
         loss = None
         if labels is not None:
             # predictors[b, j]: the hidden state that predicts token j of row b; the fused loss drops
@@ -153,35 +126,36 @@ class PromptedLM(nn.Module):
 
     def _forward_shared(self, input_ids, real, task_ids):
         B, n = input_ids.shape
-        tasks, slot = torch.unique(task_ids, return_inverse=True)
-        U, l, d = tasks.numel(), self.prompt.prompt_len, self.prompt.hidden_size
+        # the layout on the host, in one read: each row's real length and task; and the flat index
+        # of every real token (one more), which every gather and scatter below reuses
+        lengths, task_list = torch.stack([real.sum(1), task_ids.to(real.device)]).tolist()
+        flat = real.view(-1).nonzero().squeeze(1)
+        tasks = sorted(set(task_list))
+        slot_of = {t: i for i, t in enumerate(tasks)}
+        slot = [slot_of[t] for t in task_list]
+        U, l, d = len(tasks), self.prompt.prompt_len, self.prompt.hidden_size
+        dev = input_ids.device
+        pack = PromptPack(U, l, plan_prefix_attention([l] * U + lengths, [-1] * U + slot, prefix_shape=(U, l), device=dev))
         # one stream: each task's prompt once, then the real tokens row-major; both are written in
         # place, the prompt rows by the prompt module (the fused op for MultitaskPrompt), no cat pass
-        weight = self.model.get_input_embeddings().weight
+        embed = self.model.get_input_embeddings()
         dtype = self.prompt.dtype
-        stream = torch.empty(U * l + int(real.sum()), d, dtype=dtype, device=weight.device)
-        if weight.dtype == dtype:
-            torch.index_select(weight, 0, input_ids[real], out=stream[U * l :])
-        else:
-            stream[U * l :] = weight[input_ids[real]]
-        stream = self.prompt.write_rows(tasks, stream, torch.arange(U, device=stream.device) * l)
-        lengths = real.sum(1)
-        token_pos = l + real.cumsum(1)[real] - 1
-        positions = torch.cat([torch.arange(l, device=stream.device).repeat(U), token_pos])
-        seqlens = torch.cat([torch.full((U,), l, device=lengths.device), lengths])
-        cu = F.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
-        pack = _Pack(U, l, cu, torch.cat([torch.full((U,), -1, device=slot.device), slot]))
-        with _attention_implementation(self.model, ATTENTION_NAME):
-            out = self.model.model(inputs_embeds=stream[None], position_ids=positions[None], use_cache=False, mptkern_pack=pack)
-        h = out.last_hidden_state[0]
-        h_tok = h[U * l:]
-        hidden = h_tok.new_zeros(B, n, d).masked_scatter(real[..., None], h_tok)
+        stream = torch.empty(U * l + flat.numel(), d, dtype=dtype, device=embed.weight.device)
+        tokens = input_ids.view(-1).index_select(0, flat)
+        if type(embed) is nn.Embedding and embed.weight.dtype == dtype:  # a plain lookup: straight into the stream
+            torch.index_select(embed.weight, 0, tokens, out=stream[U * l :])
+        else:  # e.g. Gemma's embeddings scaled by sqrt(d) in the module
+            stream[U * l :] = embed(tokens)
+        stream = self.prompt.write_rows(torch.tensor(tasks, device=dev), stream, torch.arange(U, device=dev) * l)
+        token_pos = (real.cumsum(1) + (l - 1)).view(-1).index_select(0, flat)
+        positions = torch.cat([torch.arange(l, device=dev).repeat(U), token_pos])
+        h = run_decoder(self.model, stream, positions, pack)
         # token 0 of each row is predicted by its prompt's last row, token j by token j-1
-        starts = cu[U:-1].long()
-        pred_rows = torch.arange(U * l, h.shape[0], device=h.device) - 1
-        pred_rows[starts - U * l] = slot * l + l - 1
-        predictors = h.new_zeros(B, n, d).masked_scatter(real[..., None], h[pred_rows])
-        return hidden, predictors
+        pred_rows = torch.arange(U * l, h.shape[0], device=dev) - 1
+        starts = torch.tensor(pack.plan.cu_seqlens_host[U:-1], device=dev) - U * l
+        pred_rows[starts] = torch.tensor(slot, device=dev) * l + l - 1
+        padded = lambda rows: h.new_zeros(B * n, d).index_copy_(0, flat, rows).view(B, n, d)  # noqa: E731
+        return padded(h[U * l:]), padded(h.index_select(0, pred_rows))
 
     def _forward_concat(self, input_ids, real, task_ids):
         B, n = input_ids.shape
@@ -193,7 +167,7 @@ class PromptedLM(nn.Module):
         prompts = self.prompt(task_ids)
         l = prompts.shape[1]
         embeds, mask = concat_prompt(prompts, self.model.get_input_embeddings()(ids_r), mask_r.long())
-        with _attention_implementation(self.model, self.entry.reference_attention):
+        with attention_implementation(self.model, self.entry.reference_attention):
             out = self.model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         h = out.last_hidden_state
         inverse = torch.argsort(order, dim=1)

@@ -13,19 +13,15 @@ and nothing is lost.
 Every step runs the model once over one packed stream ``[prefill chunks | one token per decoding
 request]``. The decoding requests come first in the token budget (``max_batch_tokens``); prefills
 take what is left, a long input in chunks over several steps, so it never stalls the decoding
-requests. The host plans the step once (:class:`_StepPlan`, from lengths it already has: positions,
-``cu_seqlens``, flat pool rows to write, block tables), then the attention function registered here
-only runs, per layer: it writes the step's keys/values into the pool, runs
-:func:`mptkern.ops.prefix_attention` on the prefill rows (their context, the task prefix and any
-earlier chunks, gathered from the pool; then causal over the chunk) and
-:func:`mptkern.ops.prefix_attention_decode` on the decode rows, which reads the pool through the
-block tables in place.
+requests. The host plans the step once (:class:`StepPlan`, from lengths it already has: positions,
+the prefill sequences and their contexts, flat pool rows to write, block tables); the layers, through
+the one attention function of :mod:`mptkern.models.attention`, only run that plan.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -34,15 +30,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-
-from mptkern.models.prompted import _attention_implementation
+from mptkern.models.attention import ATTENTION_NAME, attention_implementation, run_decoder
 from mptkern.models.registry import entry_for
-from mptkern.ops import PagedDecodePlan, plan_paged_decode, prefix_attention, prefix_attention_decode
+from mptkern.ops import (PagedDecodePlan, PrefixAttentionPlan, plan_paged_decode, plan_prefix_attention, prefix_attention,
+                         prefix_attention_decode)
 from mptkern.prompts import MultitaskPrompt, read_peft_instructions
 from mptkern.serve.kv_cache import PagedKVCache, Prefix
 
-ATTENTION_NAME = "mptkern_engine"
 MAX_LOGPROBS = 20
 
 
@@ -144,17 +138,41 @@ class _Running:
         return self.num_tokens - self.length
 
 
-@dataclasses.dataclass
-class _StepPlan:
-    """Everything the attention function needs for one step, built once on the host."""
+@dataclasses.dataclass(eq=False)
+class StepPlan:
+    """The attention plan of one engine step (:mod:`mptkern.models.attention`), built once on the
+    host: per layer, :meth:`attend` writes the step's keys/values into the pool, runs the prefill
+    rows through :func:`mptkern.ops.prefix_attention` (their context, the task prefix and any
+    earlier chunks, gathered from the pool; then causal over the chunk) and the decode rows through
+    :func:`mptkern.ops.prefix_attention_decode`, which reads the pool through the block tables."""
 
+    kv: PagedKVCache
     write: torch.Tensor  # (N,) flat pool row of every stream row
     num_prefill: int = 0  # rows of the stream that are prefill tokens
-    prefill_cu: torch.Tensor | None = None  # (P+1,) int32
+    prefill: PrefixAttentionPlan | None = None  # the prefill sequences and their contexts, checked once
     context: torch.Tensor | None = None  # (C, Lc) flat pool rows of each distinct prefill context
-    context_lens: torch.Tensor | None = None  # (C,)
-    prefill_context: torch.Tensor | None = None  # (P,) context of each prefill sequence, -1 none
     decode: PagedDecodePlan | None = None  # the decode rows' block tables, lengths and prefixes, checked once
+
+    def attend(self, layer, q, k, v, *, scale, window, sinks, softcap):
+        """q (N, Hq, D), k/v (N, Hkv, D) of the step's stream -> (N, Hq, D)."""
+        flat_k, flat_v = self.kv.flat_layer(layer)
+        flat_k.index_copy_(0, self.write, k)
+        flat_v.index_copy_(0, self.write, v)
+        P = self.num_prefill
+        parts = []
+        if P:
+            ctx_k = ctx_v = None
+            if self.context is not None:  # the chunks' context (prefix and earlier chunks), gathered
+                ctx_k, ctx_v = flat_k[self.context], flat_v[self.context]
+            parts.append(prefix_attention(q[:P], k[:P], v[:P], None, ctx_k, ctx_v, plan=self.prefill,
+                                          softmax_scale=scale, window=window, sinks=sinks, softcap=softcap))
+        if q.shape[0] > P:
+            pool_k, pool_v = self.kv.layer(layer)
+            has_prefix = self.decode.prefix_ids is not None
+            parts.append(prefix_attention_decode(
+                q[P:], pool_k, pool_v, prefix_k=pool_k if has_prefix else None, prefix_v=pool_v if has_prefix else None,
+                plan=self.decode, softmax_scale=scale, window=window, sinks=sinks, softcap=softcap))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class MultiTaskEngine:
@@ -327,9 +345,9 @@ class MultiTaskEngine:
         if blocks is None:
             return False
         try:
-            plan = _StepPlan(self._rows(self.kv.slots(blocks, 0, l)), num_prefill=l,
-                             prefill_cu=torch.tensor([0, l], dtype=torch.int32, device=self.device))
-            self._run_body(embeds, torch.arange(l, device=self.device), plan)
+            plan = StepPlan(self.kv, self._rows(self.kv.slots(blocks, 0, l)), num_prefill=l,
+                            prefill=plan_prefix_attention([l], device=self.device))
+            run_decoder(self.model, embeds, torch.arange(l, device=self.device), plan)
         except BaseException:
             self.kv.free(blocks)
             raise
@@ -339,41 +357,6 @@ class MultiTaskEngine:
     # -- model --------------------------------------------------------------------------------
     def _rows(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _run_body(self, embeds, positions, plan):
-        with self._attention():
-            out = self.model.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
-                                   mptkern_engine=(self, plan))
-        return out.last_hidden_state[0]
-
-    def _attention(self):
-        """The model on this engine's attention function; a no-op when it already is (switching walks
-        every module: ~5 ms per step on SmolLM2, so :meth:`generate` switches once for all its steps)."""
-        if self.model.config._attn_implementation == ATTENTION_NAME:
-            return contextlib.nullcontext()
-        return _attention_implementation(self.model, ATTENTION_NAME)
-
-    def _attend(self, layer, q, k, v, plan: _StepPlan, scaling, window, sinks):
-        """Per layer: q (N, Hq, D), k/v (N, Hkv, D) of the step's stream -> (N, Hq, D)."""
-        flat_k, flat_v = self.kv.flat_layer(layer)
-        flat_k.index_copy_(0, plan.write, k)
-        flat_v.index_copy_(0, plan.write, v)
-        P = plan.num_prefill
-        parts = []
-        if P:
-            ctx_k = ctx_v = None
-            if plan.context is not None:  # the chunks' context (prefix and earlier chunks), gathered
-                ctx_k, ctx_v = flat_k[plan.context], flat_v[plan.context]
-            parts.append(prefix_attention(q[:P], k[:P], v[:P], plan.prefill_cu, ctx_k, ctx_v, plan.prefill_context,
-                                          prefix_lens=plan.context_lens, softmax_scale=scaling,
-                                          window=window, sinks=sinks))
-        if q.shape[0] > P:
-            pool_k, pool_v = self.kv.layer(layer)
-            has_prefix = plan.decode.prefix_ids is not None
-            parts.append(prefix_attention_decode(
-                q[P:], pool_k, pool_v, prefix_k=pool_k if has_prefix else None, prefix_v=pool_v if has_prefix else None,
-                plan=plan.decode, softmax_scale=scaling, window=window, sinks=sinks))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # -- requests -----------------------------------------------------------------------------
     def _prepare(self, request: Request) -> _Running:
@@ -566,13 +549,15 @@ class MultiTaskEngine:
                 prefix_tables.append(kv.prefixes[r.task].blocks)
                 prefix_lens.append(L)
             decode_prefix.append(prefix_index.get(r.task, -1))
-        plan = _StepPlan(self._rows(write), num_prefill=sum(seqlens))
+        plan = StepPlan(kv, self._rows(write), num_prefill=sum(seqlens))
         if prefill:
-            plan.prefill_cu = torch.tensor([0, *_cumsum(seqlens)], dtype=torch.int32, device=self.device)
             if contexts:
-                plan.context = self._rows(_padded(contexts, 0))
-                plan.context_lens = self._rows([len(c) for c in contexts])
-                plan.prefill_context = self._rows(prefill_context)
+                context = _padded(contexts, 0)
+                plan.context = self._rows(context)
+                plan.prefill = plan_prefix_attention(seqlens, prefill_context, prefix_lens=[len(c) for c in contexts],
+                                                     prefix_shape=(len(context), len(context[0])), device=self.device)
+            else:
+                plan.prefill = plan_prefix_attention(seqlens, device=self.device)
         if decode:
             # host lists: the torch path groups the rows by prefix from them, with no device read
             prefix = dict(prefix_ids=decode_prefix, prefix_lens=prefix_lens,
@@ -581,7 +566,7 @@ class MultiTaskEngine:
                                             num_blocks=kv.num_blocks, device=self.device, **prefix)
         # rows whose logits are needed: the last token of each prefill that completes its request's
         # tokens, every decode token
-        last, ends = [], _cumsum(seqlens)
+        last, ends = [], itertools.accumulate(seqlens)
         for (r, n), end in zip(prefill, ends):
             if r.length + n == r.num_tokens:
                 last.append(end - 1)
@@ -694,9 +679,9 @@ class MultiTaskEngine:
             return []
         prefill, decode = self._schedule()
         embeds_ids, positions, plan, last = self._plan(prefill, decode)
-        hidden = self._run_body(self.model.get_input_embeddings()(embeds_ids), positions, plan)
+        hidden = run_decoder(self.model, self.model.get_input_embeddings()(embeds_ids), positions, plan)
         sampled = [r for r, n in prefill if r.length + n == r.num_tokens] + decode
-        logits = self.model.lm_head(hidden[last])
+        logits = self.entry.logits(self.model, hidden[last])
         tokens = self._sample(logits, sampled)
         lps = self._logprobs(logits, sampled, tokens)
         self._counters["prompt_tokens_total"] += plan.num_prefill
@@ -739,7 +724,7 @@ class MultiTaskEngine:
         results = {}
         position = {rid: i for i, rid in enumerate(ids)}
         try:
-            with self._attention():
+            with attention_implementation(self.model, ATTENTION_NAME):  # switched once for all the steps
                 while self._by_id:
                     for u in self.step():
                         if u.result is not None:
@@ -750,14 +735,6 @@ class MultiTaskEngine:
             for rid in ids:  # after an error (or an interrupt) the engine is left idle
                 self.cancel(rid)
         return [results[i] for i in ids]
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 def _padded(rows: list[list[int]], fill: int) -> list[list[int]]:
@@ -777,17 +754,3 @@ def _unsettled(text: str, stops: Sequence[str]) -> int:
                 n = k
                 break
     return len(text) - len(settled) + n
-
-
-def _engine_attention_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                         s_aux=None, mptkern_engine=None, **kwargs):
-    """transformers attention function: query (1, Hq, N, D), key/value (1, Hkv, N, D) -> (1, N, Hq, D)."""
-    if mptkern_engine is None:
-        raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside MultiTaskEngine")
-    engine, plan = mptkern_engine
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = engine._attend(module.layer_idx, q, k, v, plan, scaling, sliding_window, s_aux)
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(ATTENTION_NAME, _engine_attention_hf)
