@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from mptkern.models import concat_prompt
 from mptkern.models.attention import attention_implementation
 from mptkern.models.registry import entry_for
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
@@ -46,9 +47,15 @@ def prompts(model, seed=0):
     return {"ner": (multi, 0), "qa": (multi, 1), "cls": single}
 
 
+def concat_one(model, rows, ids):
+    """(1, l + n, d) embeddings and (1, l + n) mask of one request: its prompt rows (l, d), then its
+    tokens, by the library's reference layout (:func:`mptkern.models.concat_prompt`)."""
+    embeds = model.get_input_embeddings()(torch.tensor([list(ids)]))
+    return concat_prompt(rows[None], embeds, torch.ones(embeds.shape[:2], dtype=torch.long))
+
+
 def hf_greedy(model, prompt_rows, ids, max_new_tokens):
-    embeds = torch.cat([prompt_rows, model.get_input_embeddings()(torch.tensor(ids))])[None]
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    embeds, mask = concat_one(model, prompt_rows, ids)
     with attention_implementation(model, entry_for(model.config).reference_attention), torch.no_grad():
         out = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=EOS, pad_token_id=0)
@@ -141,7 +148,7 @@ def test_eos_stops_like_hf():
     res = engine_for(model, specs).generate([req])[0]
     assert res.token_ids == free[: free.index(free[2]) + 1]
     assert res.finish_reason == "stop"
-    embeds = torch.cat([prompt_rows(specs["qa"]), model.get_input_embeddings()(torch.tensor(req.input_ids))])[None]
+    embeds, _ = concat_one(model, prompt_rows(specs["qa"]), req.input_ids)
     with torch.no_grad():
         hf = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                             do_sample=False, max_new_tokens=8, pad_token_id=0)
@@ -265,7 +272,7 @@ def test_smollm2_greedy_matches_hf_generate(tmp_path):
     results = engine.generate(reqs)
     for req, res in zip(reqs, results):
         ids = tok.encode(req.text, add_special_tokens=False)
-        embeds = torch.cat([prompt_rows((multi, multi.task_index(req.task))), model.get_input_embeddings()(torch.tensor(ids))])[None]
+        embeds, _ = concat_one(model, prompt_rows((multi, multi.task_index(req.task))), ids)
         with attention_implementation(model, "sdpa"), torch.no_grad():
             hf = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                 do_sample=False, max_new_tokens=6)
@@ -482,7 +489,7 @@ def test_logprobs_are_the_models_log_softmax():
     while engine.num_pending:
         updates += [u for u in engine.step() if u.request_id == rid]
     res = updates[-1].result
-    embeds = torch.cat([prompt_rows(specs["qa"]), model.get_input_embeddings()(torch.tensor(req.input_ids))])[None]
+    embeds, _ = concat_one(model, prompt_rows(specs["qa"]), req.input_ids)
     with attention_implementation(model, "sdpa"), torch.no_grad():
         out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                              do_sample=False, max_new_tokens=5, eos_token_id=EOS, pad_token_id=0, output_logits=True,

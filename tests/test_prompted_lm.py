@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mptkern.models import PromptedLM
+from mptkern.models import PromptedLM, concat_prompt
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from tests.tiny_models import tiny_gpt_oss, tiny_llama
 
@@ -76,8 +76,8 @@ def test_concatenation_path_matches_hf_loss():
     prompt = MultitaskPrompt(2, 4, 64)
     task_ids = torch.tensor([1, 0, 1])
     ours = PromptedLM(model, prompt, share_prefix=False)(ids, mask, task_ids, labels)
-    embeds = torch.cat([prompt(task_ids), model.get_input_embeddings()(ids)], 1)
-    hf = model(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
+    embeds, full_mask = concat_prompt(prompt(task_ids), model.get_input_embeddings()(ids), mask)
+    hf = model(inputs_embeds=embeds, attention_mask=full_mask,
                labels=torch.cat([torch.full((3, 4), -100), labels], 1))
     torch.testing.assert_close(ours.loss, hf.loss)
     torch.testing.assert_close(ours.logits, hf.logits[:, 4:])

@@ -64,6 +64,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mptkern.data.schema import INPUT_FORMAT
+from mptkern.models.prompted import concat_prompt
 from mptkern.prompts import _atomic_write
 
 KEY = "prompt_embeds"
@@ -191,4 +192,5 @@ def build_prompt_embeds(prompt_rows: torch.Tensor, embedding: nn.Module | torch.
     ids = ids.to(weight.device)
     with torch.no_grad():
         tokens = embedding(ids) if isinstance(embedding, nn.Module) else weight[ids]
-    return torch.cat([prompt_rows.detach().to(weight.device, weight.dtype), tokens.to(weight.dtype)])
+    rows = prompt_rows.detach().to(weight.device, weight.dtype)[None]
+    return concat_prompt(rows, tokens[None], torch.ones(1, tokens.shape[0], dtype=torch.long, device=weight.device))[0][0]
