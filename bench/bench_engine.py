@@ -46,6 +46,13 @@ to ``hf-peft``, then the only HF contender).
 
     python bench/bench_engine.py --device cpu --R 8      # 1, 16 and 64 concurrent requests, 8 tasks, l = 100
     python bench/bench_engine.py --small                 # smoke run
+    python bench/bench_engine.py --device cuda --dtype bfloat16 --model-size 1b --loose-check   # random Llama-3.2-1B shape
+
+With ``--model-size`` the model is a random-weight Llama (``harness.MODEL_SIZES``, no download) and
+the tokenizer a byte-level stand-in. Random weights leave many near-tie greedy picks, which bf16
+rounding flips between any two implementations; ``--loose-check`` then reports how many leading
+tokens of each check request agree and stops only when the first generated token differs on more
+than half of them.
 """
 
 from __future__ import annotations
@@ -190,6 +197,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed passes per contender (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="smoke run: 2 tasks x 4 requests, 8 new tokens")
+    p.add_argument("--model-size", choices=sorted(harness.MODEL_SIZES), default=None,
+                   help="a random-weight Llama of this size (harness.MODEL_SIZES) instead of the embedded SmolLM2-135M")
+    p.add_argument("--loose-check", action="store_true",
+                   help="check: report agreeing leading tokens; stop only if most first tokens differ (random weights)")
     p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "engine_concurrency.csv"),
                    help="CSV to append to (engine.csv holds the rows before the concurrency levels)")
     args = p.parse_args(argv)
@@ -198,13 +209,12 @@ def main(argv=None) -> int:
         args.max_running, args.concurrency = 8, "1,8"
     from peft import PeftModel
 
-    from mptkern.models import load_default
     from mptkern.prompts import MultitaskPrompt
     from mptkern.serve import MultiTaskEngine
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model, tok = load_default(device=device, dtype=dtype)
+    model, tok, label = harness.load_model(args.model_size, device=device, dtype=dtype)
     eos = model.generation_config.eos_token_id
     eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])} if eos is not None else {tok.eos_token_id}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -229,15 +239,25 @@ def main(argv=None) -> int:
     # -- agreement before timing: one request at a time, no padding ------------------------------
     picks = [reqs[(i * len(reqs)) // args.check] for i in range(args.check)] if args.check else []
     peft_bad = None
+    agreeing = []  # --loose-check: leading tokens on which the engine equals the baseline, per request
     for j, req in enumerate(picks):
         out = {name: fn([req])[0][0] for name, fn in run.items()}
-        if out["mptkern-engine"] != out[BASELINE]:
+        if args.loose_check:
+            e, b = out["mptkern-engine"], out[BASELINE]
+            agreeing.append((next((i for i, (x, y) in enumerate(zip(e, b)) if x != y), min(len(e), len(b))), len(b)))
+        elif out["mptkern-engine"] != out[BASELINE]:
             print(f"DISAGREEMENT on check request {j} (task {task_names[req[0]]}, {len(req[1])} input tokens):\n"
                   f"  {BASELINE}: {out[BASELINE]}\n  engine:      {out['mptkern-engine']}", file=sys.stderr)
             raise harness.Disagreement("greedy tokens differ; nothing is timed or written")
         if peft_bad is None and out["hf-peft"] != out[BASELINE]:
             peft_bad = (j, out["hf-peft"], out[BASELINE])
-    print(f"check: {len(picks)} requests token-identical (engine vs {BASELINE}, unbatched)")
+    if args.loose_check:
+        print("check (loose): leading tokens equal to " + BASELINE + " per request: "
+              + ", ".join(f"{a}/{n}" for a, n in agreeing))
+        if 2 * sum(a == 0 for a, _ in agreeing) > len(agreeing):
+            raise harness.Disagreement("the first generated token differs on most check requests; nothing is timed or written")
+    else:
+        print(f"check: {len(picks)} requests token-identical (engine vs {BASELINE}, unbatched)")
     contenders = ["mptkern-engine", BASELINE]
     if peft_bad is None:
         contenders.append("hf-peft")
@@ -287,7 +307,7 @@ def main(argv=None) -> int:
                              identical_requests=agree,
                              kv_peak_mib=round(kv_mib, 2) if engine_row else "",
                              slab_kv_mib=round(slab_mib, 2) if engine_row else ""))
-    print(f"multi-task generation, SmolLM2-135M, l={args.l}, inputs {args.min_len}-{args.max_len} tokens, "
+    print(f"multi-task generation, {label}, l={args.l}, inputs {args.min_len}-{args.max_len} tokens, "
           f"{args.min_new}-{args.max_new} new tokens, greedy, {args.dtype} on {harness.device_name(args.device)}")
     print(f"{'contender':<16} {'reqs':>5} {'K':>3} {'tokens':>7} {'s':>8} {'tokens/s':>9} {'thr vs HF':>10} "
           f"{'TTFT ms':>9} {'TPOT ms':>8} {'TPOT vs HF':>11} {'= engine':>9} {'KV MiB':>8} {'slab MiB':>9}")

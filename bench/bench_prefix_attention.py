@@ -194,6 +194,8 @@ def run_training(args, device, dtype, dim, peak_tflops):
     if fa:
         contenders["flash-attn-varlen"] = (lambda: fa(q, k, v, cu, cu, n, n, causal=True), (q, k, v))
     try:
+        if args.no_flex:
+            raise RuntimeError("--no-flex")
         contenders["flex"] = (flex_packed(q, k, v, cu, hq, hkv), (q, k, v))
     except Exception as exc:  # reported, not hidden
         print(f"skip flex (dense): {type(exc).__name__}: {exc}")
@@ -220,6 +222,8 @@ def run_training(args, device, dtype, dim, peak_tflops):
         Lmax = max(d["mat_lens"])
         contenders["flash-attn-varlen-materialised"] = (lambda: fa(mq, mk_, mv, d["mat_cu"], d["mat_cu"], Lmax, Lmax, causal=True)[mat], (mq, mk_, mv))
     try:
+        if args.no_flex:
+            raise RuntimeError("--no-flex")
         flex_run = flex_packed(mq, mk_, mv, d["mat_cu"], hq, hkv)
         contenders["flex-materialised"] = (lambda: flex_run()[mat], (mq, mk_, mv))
     except Exception as exc:
@@ -342,6 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--scenarios", nargs="+", default=["training", "decode"], choices=["training", "decode"])
+    p.add_argument("--no-flex", action="store_true", help="leave out FlexAttention (its torch.compile takes tens of seconds)")
     p.add_argument("--warmup", type=float, default=25)
     p.add_argument("--rep", type=float, default=100)
     p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "prefix_attention.csv"))

@@ -9,6 +9,7 @@ Each contender runs in a fresh process (so peak memory is its own); throughput c
 input tokens per second (prompt rows are overhead, not work). CPU: only ratios count.
 
     python bench/bench_shared_prefix.py --device cpu
+    python bench/bench_shared_prefix.py --model-size 1b   # random-weight Llama-3.2-1B shape, no download
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ def make_batch(args, vocab):
 
 def measure(args) -> dict:
     """Runs in the child process: build one contender, time its step, measure its peak memory."""
-    from mptkern.models import PromptedLM, load_default
+    from mptkern.models import PromptedLM
     from mptkern.prompts import MultitaskPrompt
 
     device = torch.device(args.device)
-    model, _ = load_default(device=device, dtype=getattr(torch, args.dtype))
+    model, _, _ = harness.load_model(args.model_size, device=device, dtype=getattr(torch, args.dtype))
     d = model.config.hidden_size
     ids, mask, labels, task_ids = (t.to(device) for t in make_batch(args, model.config.vocab_size))
     if args.only == "peft-mpt":
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per contender (default: 3 steps' worth)")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--model-size", choices=sorted(harness.MODEL_SIZES), default=None,
+                   help="a random-weight Llama of this size (harness.MODEL_SIZES) instead of the embedded SmolLM2-135M")
     p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "shared_prefix.csv"))
     p.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)  # child-process mode
     args = p.parse_args(argv)
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
                          tokens_per_s=round(r["tokens"] / r["ms"] * 1e3, 1), peak_mb=None if r["peak_mb"] is None else round(r["peak_mb"], 1),
                          speedup_vs_peft=round(base["ms"] / r["ms"], 3), loss=round(r["loss"], 4), trainable=r["trainable"]))
     harness.append_rows(args.out, rows, args.device)
-    print(f"prompt-tuning step, SmolLM2-135M, B={args.B} K={args.K} l={args.l} lengths {args.min_len}-{args.max_len}, "
+    label = "SmolLM2-135M" if args.model_size is None else f"random Llama-{args.model_size}"
+    print(f"prompt-tuning step, {label}, B={args.B} K={args.K} l={args.l} lengths {args.min_len}-{args.max_len}, "
           f"{args.dtype} on {harness.device_name(args.device)}")
     print(f"{'contender':<16} {'ms':>10} {'tokens/s':>10} {'peak MB':>9} {'vs peft':>8} {'loss':>8}")
     for r in rows:

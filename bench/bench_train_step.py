@@ -11,6 +11,7 @@ distillation on every real token):
 Each contender runs in a fresh process; throughput counts real input tokens per second.
 
     python bench/bench_train_step.py --device cpu
+    python bench/bench_train_step.py --device cuda --dtype bfloat16 --model-size 1b   # random-weight Llama-3.2-1B shape
 """
 
 from __future__ import annotations
@@ -26,25 +27,26 @@ from bench_shared_prefix import make_batch
 
 CONTENDERS = ("mptkern", "peft")
 T, W_KL, W_CE, W_MSE = 2.0, 1.0, 1.0, 1.0
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the CSV's dtype names
 
 
 def _peft_step(model, args, ids, mask, labels, task_ids):
     from peft import MultitaskPromptTuningConfig, get_peft_model
 
-    d = model.config.hidden_size
-    teacher = torch.randn(args.K, args.l, d) * 0.02  # frozen teacher prompts
+    d, device, dtype = model.config.hidden_size, ids.device, model.dtype
+    teacher = (torch.randn(args.K, args.l, d) * 0.02).to(device, dtype)  # frozen teacher prompts
     embed = model.get_input_embeddings()
     cfg = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.l, num_tasks=args.K, num_ranks=1,
                                       prompt_tuning_init="RANDOM", token_dim=d)
     student = get_peft_model(model, cfg)
     # positions of [prompt | input]; the state at p predicts token p + 1, so keep rows whose next token counts
-    target = torch.cat([torch.full((args.B, args.l), -100), labels], 1)[:, 1:]
+    target = torch.cat([torch.full((args.B, args.l), -100, device=device), labels], 1)[:, 1:]
     valid = target != -100
 
     def step():
         with torch.no_grad():  # the bare base model with the teacher's prompts concatenated
             t_in = torch.cat([teacher[task_ids], embed(ids)], 1)
-            t_mask = torch.cat([torch.ones(args.B, args.l, dtype=mask.dtype), mask], 1)
+            t_mask = torch.cat([torch.ones(args.B, args.l, dtype=mask.dtype, device=device), mask], 1)
             t_out = model(inputs_embeds=t_in, attention_mask=t_mask, output_hidden_states=True)
         s_out = student(input_ids=ids, attention_mask=mask, task_ids=task_ids, output_hidden_states=True)
         z_s, z_t = s_out.logits[:, :-1][valid], t_out.logits[:, :-1][valid]
@@ -63,9 +65,9 @@ def _mptkern_step(model, args, ids, mask, labels, task_ids):
     from mptkern.ops import fused_distill_loss
     from mptkern.prompts import MultitaskPrompt, TaskPrompts
 
-    d = model.config.hidden_size
-    teacher = TaskPrompts(args.K, args.l, d).requires_grad_(False)
-    student = MultitaskPrompt(args.K, args.l, d)
+    d, device, dtype = model.config.hidden_size, ids.device, model.dtype
+    teacher = TaskPrompts(args.K, args.l, d).to(device, dtype).requires_grad_(False)
+    student = MultitaskPrompt(args.K, args.l, d).to(device, dtype)
     t_lm, s_lm = PromptedLM(model, teacher), PromptedLM(model, student)
     valid = labels != -100
 
@@ -82,11 +84,9 @@ def _mptkern_step(model, args, ids, mask, labels, task_ids):
 
 
 def measure(args) -> dict:
-    from mptkern.models import load_default
-
     device = torch.device(args.device)
-    model, _ = load_default(device=device)
-    ids, mask, labels, task_ids = make_batch(args, model.config.vocab_size)
+    model, _, _ = harness.load_model(args.model_size, device=device, dtype=getattr(torch, args.dtype))
+    ids, mask, labels, task_ids = (t.to(device) for t in make_batch(args, model.config.vocab_size))
     build = _peft_step if args.only == "peft" else _mptkern_step
     step, params = build(model, args, ids, mask, labels, task_ids)
     box = []
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-len", type=int, default=32)
     p.add_argument("--max-len", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="model and prompt dtype (torch name), e.g. bfloat16 on CUDA")
+    p.add_argument("--model-size", choices=sorted(harness.MODEL_SIZES), default=None,
+                   help="a random-weight Llama of this size (harness.MODEL_SIZES) instead of the embedded SmolLM2-135M")
     p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "train_step.csv"))
     p.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -116,17 +119,19 @@ def main(argv=None) -> int:
     results = harness.run_isolated(__file__, argv if argv is not None else sys.argv[1:], CONTENDERS)
     base = results["peft"]
     rows = [dict(op="distill_step", contender=name, mode="fwd+bwd", B=args.B, K=args.K, l=args.l, min_len=args.min_len,
-                 max_len=args.max_len, dtype="fp32", ms=round(r["ms"], 1), tokens_per_s=round(r["tokens"] / r["ms"] * 1e3, 1),
+                 max_len=args.max_len, dtype=SHORT.get(args.dtype, args.dtype), ms=round(r["ms"], 1), tokens_per_s=round(r["tokens"] / r["ms"] * 1e3, 1),
                  peak_mb=None if r["peak_mb"] is None else round(r["peak_mb"], 1), speedup_vs_peft=round(base["ms"] / r["ms"], 3),
                  peak_vs_peft=None if r["peak_mb"] is None else round(r["peak_mb"] / base["peak_mb"], 3),
                  trainable=r["trainable"]) for name, r in results.items()]
     harness.append_rows(args.out, rows, args.device)
-    print(f"distillation step, SmolLM2-135M, B={args.B} K={args.K} l={args.l}, lengths {args.min_len}-{args.max_len}, "
-          f"fp32 on {harness.device_name(args.device)}")
+    label = "SmolLM2-135M" if args.model_size is None else f"random Llama-{args.model_size}"
+    print(f"distillation step, {label}, B={args.B} K={args.K} l={args.l}, lengths {args.min_len}-{args.max_len}, "
+          f"{args.dtype} on {harness.device_name(args.device)}")
     for r in rows:
         print(f"{r['contender']:<8} {r['ms']:>10.1f} ms {r['tokens_per_s']:>8.1f} tok/s  peak {r['peak_mb']} MB  "
               f"x{r['speedup_vs_peft']} speed, x{r['peak_vs_peft']} memory vs peft")
-    print("CPU run: only the ratios measured side by side here count.")
+    if not args.device.startswith("cuda"):
+        print("CPU run: only the ratios measured side by side here count.")
     return 0
 
 

@@ -121,7 +121,12 @@ def device_name(device) -> str:
 
 def git_commit() -> str:
     """Short HEAD, with ``+dirty`` when tracked or untracked (non-ignored) files differ from it.
-    bench/results/ is left out of the check, so appending results does not dirty the next run."""
+    bench/results/ is left out of the check, so appending results does not dirty the next run.
+    ``$MPTKERN_COMMIT``, when set, is returned instead: set it where the tree is a copy without
+    .git (as on a GPU machine that runs bench/gpu_check.sh over a copied checkout)."""
+    if os.environ.get("MPTKERN_COMMIT"):
+        return os.environ["MPTKERN_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -193,3 +198,71 @@ def run_isolated(script: str, argv: list[str], contenders) -> dict:
             raise SystemExit(f"{name} failed")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# models for the model-level benchmarks (bench_shared_prefix, bench_train_step, bench_engine)
+# ----------------------------------------------------------------------------------------------
+# Random-weight Llama-architecture configs, built without any download. "1b" has the shape of
+# Llama-3.2-1B (hidden 2048, 16 layers, 32 query / 8 key-value heads of 64, MLP 8192, vocab 128256,
+# tied embeddings, RoPE theta 5e5; its llama3 RoPE scaling is left out, which changes no cost).
+MODEL_SIZES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True, max_position_embeddings=8192),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
+                 max_position_embeddings=1024),
+}
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for the random-weight models: UTF-8 bytes as ids 3..258 (0 pad, 1 bos,
+    2 eos, the ids a default ``LlamaConfig`` names). Enough for the engine and the benchmarks, which
+    only encode synthetic inputs and decode outputs."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    OFFSET = 3
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens=True):
+        data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.OFFSET + 256)
+        return data.decode("utf-8", errors="replace")
+
+
+def model_params(size: str) -> int:
+    """Parameter count of ``MODEL_SIZES[size]`` (tied embeddings counted once): the ``P`` of the
+    ``2 P`` FLOPs per token of a forward pass (attention scores not counted)."""
+    c = MODEL_SIZES[size]
+    d, hd, L, V = c["hidden_size"], c["head_dim"], c["num_hidden_layers"], c["vocab_size"]
+    attn = d * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    mlp = 3 * d * c["intermediate_size"]
+    return L * (attn + mlp + 2 * d) + V * d + d
+
+
+def random_llama(size: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
+    """``(model, tokenizer)``: a ``LlamaForCausalLM`` of ``MODEL_SIZES[size]`` with random weights
+    (transformers' init, seeded), built on ``device`` in ``dtype`` (RoPE buffers stay float32),
+    frozen and in eval mode like :func:`mptkern.models.load_default`'s, and a :class:`ByteTokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**MODEL_SIZES[size], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval().requires_grad_(False), ByteTokenizer()
+
+
+def load_model(model_size: str | None, *, device="cpu", dtype=torch.float32):
+    """``(model, tokenizer, label)``: the embedded SmolLM2-135M-Instruct when ``model_size`` is None,
+    else :func:`random_llama` of that size."""
+    if model_size is None:
+        from mptkern.models import load_default
+
+        model, tok = load_default(device=device, dtype=dtype)
+        return model, tok, "SmolLM2-135M"
+    model, tok = random_llama(model_size, device=device, dtype=dtype)
+    n = model_params(model_size)
+    return model, tok, f"random Llama-{model_size} ({n / 1e9:.2f}B)" if n >= 1e8 else f"random Llama-{model_size} ({n / 1e6:.2f}M)"

@@ -49,6 +49,33 @@ def plot(csv_path, metric="ms", date=None) -> Path:
     return out
 
 
+def plot_ratios(rows, out, title="") -> Path:
+    """Horizontal bars of ``ratio`` (a contender's speed over its anchor's) per summary row (dicts
+    with bench, figure, contender, anchor, ratio, as bench/gpu_check.py writes summary.csv), a line
+    at 1; written to ``out``."""
+    require("matplotlib", purpose="bench/plot.py").use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['bench']} {r['figure']}\n{r['contender']} vs {r['anchor']}" for r in rows]
+    ratios = [float(r["ratio"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(11, max(2.5, 0.42 * len(rows) + 1)))
+    # each bar spans from 1 (the anchor) to the ratio: right of the line faster, left slower
+    bars = ax.barh(range(len(rows)), [x - 1 for x in ratios], left=1.0,
+                   color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    ax.bar_label(bars, labels=[f"{x:.3g}x" for x in ratios], fontsize=6)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed ratio to the anchor (log scale)")
+    ax.set_title(title + (f"\n{rows[0].get('device', '')}  {rows[0].get('commit', '')}" if rows else ""), fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv")
