@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-OP_MODULES = ("mptkern.ops.decomposed_prompts.aot", "mptkern.ops.distill_loss", "mptkern.ops.prefix_attention.aot")
+OP_MODULES = ("mptkern.ops.decomposed_prompts.aot", "mptkern.ops.distill_loss.aot", "mptkern.ops.prefix_attention.aot")
 # max shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB (CUDA programming guide)
 SHARED_BUDGET = {80: 166912, 90: 232448}
 TARGETS = (80, 90)

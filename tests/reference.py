@@ -59,12 +59,14 @@ def prefix_attention(q, k, v, cu_seqlens, prefix_k=None, prefix_v=None, prefix_i
 
 
 def fused_distill_loss(student_hidden, teacher_hidden, weight, labels=None, *, temperature=1.0, kl_weight=1.0,
-                       ce_weight=0.0, hidden_weight=0.0, ignore_index=-100, reduction="mean"):
+                       ce_weight=0.0, hidden_weight=0.0, ignore_index=-100, reduction="mean", logit_softcap=None):
     """Float64 distillation loss from full (N, V) logits: ``kl_weight*T^2*KL(p_t||p_s) + ce_weight*CE
     + hidden_weight*MSE`` per valid token, then the reduction. Differentiable in every input."""
     hs, ht, W = student_hidden.double(), teacher_hidden.double(), weight.double()
     T = temperature
     zs, zt = hs @ W.T, ht @ W.T
+    if logit_softcap is not None:
+        zs, zt = (logit_softcap * torch.tanh(z / logit_softcap) for z in (zs, zt))
     log_ps, log_pt = torch.log_softmax(zs / T, 1), torch.log_softmax(zt / T, 1)
     kl = T * T * (log_pt.exp() * (log_pt - log_ps)).sum(1)
     valid = torch.ones(hs.shape[0], dtype=torch.bool) if labels is None else (labels.cpu() != ignore_index)

@@ -87,6 +87,7 @@ class PromptedLM(nn.Module):
     def __init__(self, model: nn.Module, prompt: nn.Module, *, share_prefix: bool = True):
         super().__init__()
         self.entry = entry_for(model.config)
+        self.logit_softcap = self.entry.logit_softcap(model.config)  # final soft-capping of the logits, or None
         self.model = model.requires_grad_(False).eval()
         self.prompt = prompt
         self.share_prefix = share_prefix
@@ -120,9 +121,15 @@ class PromptedLM(nn.Module):
             # predictors[b, j]: the hidden state that predicts token j of row b; the fused loss drops
             # ignored rows and never builds a (tokens, vocab) logits tensor
             h = predictors.reshape(-1, predictors.shape[-1])
-            loss = fused_distill_loss(h, h.detach(), self.model.lm_head.weight, labels.reshape(-1),
-                                      kl_weight=0.0, ce_weight=1.0)
+            loss = self.head_loss(h, h.detach(), labels.reshape(-1), kl_weight=0.0, ce_weight=1.0)
         return PromptedLMOutput(hidden, logits, loss, predictors)
+
+    def head_loss(self, student_hidden, teacher_hidden, labels, **kwargs):
+        """:func:`mptkern.ops.fused_distill_loss` of hidden rows ``(N, d)`` (and labels ``(N,)``)
+        through this model's frozen lm_head and its final soft-capping; ``kwargs`` are the loss's
+        weights, temperature and reduction."""
+        return fused_distill_loss(student_hidden, teacher_hidden, self.model.lm_head.weight, labels,
+                                  logit_softcap=self.logit_softcap, **kwargs)
 
     def _forward_shared(self, input_ids, real, task_ids):
         B, n = input_ids.shape

@@ -29,7 +29,6 @@ from tqdm import tqdm
 from mptkern.data import Collator, InputFormat, MixedTaskSampler, TaskSubsetSampler, flatten, make_suite, task_sizes
 from mptkern.data.lengths import fit_to_length
 from mptkern.models import PromptedLM
-from mptkern.ops import fused_distill_loss
 from mptkern.prompts import MultitaskPrompt, TaskPrompts
 from mptkern.train.checkpoint import load_checkpoint, save_checkpoint
 from mptkern.train.config import StageConfig, TrainConfig, config_fingerprint
@@ -52,9 +51,11 @@ def _batches(sampler, steps: int, per_step: int) -> list[list[int]]:
     return out[: steps * per_step]
 
 
-def _plain_distill_loss(h_s, h_t, weight, labels, *, temperature, kl_weight, ce_weight, hidden_weight):
+def _plain_distill_loss(h_s, h_t, weight, labels, *, temperature, kl_weight, ce_weight, hidden_weight, logit_softcap=None):
     """The distillation objective written plainly with full logits: the reference for the fused path."""
     z_s, z_t = (h_s @ weight.t()).float(), (h_t @ weight.t()).float()
+    if logit_softcap is not None:
+        z_s, z_t = (logit_softcap * torch.tanh(z / logit_softcap) for z in (z_s, z_t))
     log_ps, log_pt = torch.log_softmax(z_s / temperature, -1), torch.log_softmax(z_t / temperature, -1)
     kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     ce = torch.nn.functional.cross_entropy(z_s, labels, reduction="none")
@@ -325,8 +326,8 @@ class MPTTrainer:
             h_s, labels = s_out.predictor_hidden[valid], b["labels"][valid]
             weights = dict(temperature=loss_cfg.temperature, kl_weight=loss_cfg.kl_weight,
                            ce_weight=loss_cfg.ce_weight, hidden_weight=loss_cfg.hidden_weight)
-            loss = (fused_distill_loss(h_s, h_t, head, labels, **weights) if self.config.fused
-                    else _plain_distill_loss(h_s, h_t, head, labels, **weights))
+            loss = (s_lm.head_loss(h_s, h_t, labels, **weights) if self.config.fused
+                    else _plain_distill_loss(h_s, h_t, head, labels, logit_softcap=s_lm.logit_softcap, **weights))
             return loss, int(b["attention_mask"].sum())
 
         self._train("distill", student, cfg, step_loss)
@@ -361,7 +362,6 @@ class MPTTrainer:
             return stack
         collate = self._collator(list({r.task.name: r.task for r in runs}.values()))
         lm = self._lm(stack)
-        head = self.model.lm_head.weight
 
         def step_loss(step, micro):
             chosen = [(slot, ex) for slot, r in enumerate(runs) for ex in r.batch(step, micro, cfg.batch_size)]
@@ -370,8 +370,7 @@ class MPTTrainer:
             out = lm(b["input_ids"], b["attention_mask"], slots, return_logits=False)
             valid = b["labels"] != -100  # the target tokens: only their rows go through the lm_head
             h = out.predictor_hidden[valid]
-            token_loss = fused_distill_loss(h, h.detach(), head, b["labels"][valid], kl_weight=0.0, ce_weight=1.0,
-                                            reduction="none")
+            token_loss = lm.head_loss(h, h.detach(), b["labels"][valid], kl_weight=0.0, ce_weight=1.0, reduction="none")
             token_run = slots[:, None].expand_as(valid)[valid]
             return per_run_mean(token_loss, token_run, len(runs)), int(b["attention_mask"].sum())
 
