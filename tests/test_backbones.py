@@ -8,7 +8,7 @@ import torch
 import transformers as hf
 
 from mptkern.models import PromptedLM, concat_prompt
-from mptkern.models.registry import REGISTRY, ModelEntry, attention_backends
+from mptkern.models.registry import REGISTRY, ModelEntry, attention_backends, fallback_note
 from mptkern.prompts import MultitaskPrompt
 from mptkern.serve import MultiTaskEngine
 from tests.test_engine import EOS, CharTokenizer, hf_greedy, mixed_requests, prompt_rows, prompts
@@ -92,3 +92,7 @@ def test_attention_backends_name_what_the_triton_kernels_lack():
     assert "head_dim 256 is outside the Triton kernels' head dims" in attention_backends(gemma_256)["triton"]
     with pytest.raises(ValueError, match="not supported"):
         attention_backends(hf.BertConfig())
+    note = fallback_note(gemma_256, torch.device("cuda"))
+    assert note.startswith("gemma2: the attention runs mptkern's torch path on this GPU") and "head_dim 256" in note
+    assert fallback_note(gemma_256, torch.device("cpu")) is None
+    assert fallback_note(BACKBONES["qwen2"]().config, torch.device("cuda")) is None

@@ -13,12 +13,13 @@ Both give the same function.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
 from mptkern.models.attention import attention_implementation, run_decoder
-from mptkern.models.registry import entry_for
+from mptkern.models.registry import entry_for, fallback_note
 from mptkern.ops import PrefixAttentionPlan, fused_distill_loss, plan_prefix_attention, prefix_attention
 
 
@@ -87,6 +88,9 @@ class PromptedLM(nn.Module):
     def __init__(self, model: nn.Module, prompt: nn.Module, *, share_prefix: bool = True):
         super().__init__()
         self.entry = entry_for(model.config)
+        note = fallback_note(model.config, next(model.parameters()).device)
+        if note:
+            warnings.warn(note, stacklevel=2)
         self.logit_softcap = self.entry.logit_softcap(model.config)  # final soft-capping of the logits, or None
         self.model = model.requires_grad_(False).eval()
         self.prompt = prompt

@@ -92,6 +92,16 @@ def entry_for(config) -> ModelEntry:
     return REGISTRY[model_type]
 
 
+def fallback_note(config, device) -> str | None:
+    """The message for a model whose attention cannot run the Triton kernels on ``device``, a CUDA
+    device where ``auto`` would otherwise pick them, or None."""
+    if torch.device(device).type != "cuda":
+        return None
+    why = attention_backends(config)["triton"]
+    return None if why is None else (f"{config.model_type}: the attention runs mptkern's torch path on this GPU, "
+                                     f"not the Triton kernels: {why}")
+
+
 def attention_backends(config) -> dict[str, str | None]:
     """For each backend of the attention ops, None if it runs this model's attention, else why not
     (``auto`` falls back to torch then): the Triton kernels take head dims 16..128 and no softcap."""

@@ -25,13 +25,14 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from mptkern.models.attention import ATTENTION_NAME, attention_implementation, run_decoder
-from mptkern.models.registry import entry_for
+from mptkern.models.registry import entry_for, fallback_note
 from mptkern.ops import (PagedDecodePlan, PrefixAttentionPlan, plan_paged_decode, plan_prefix_attention, prefix_attention,
                          prefix_attention_decode)
 from mptkern.prompts import MultitaskPrompt, read_peft_instructions
@@ -212,6 +213,9 @@ class MultiTaskEngine:
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_running ({max_running})")
         self.entry = entry_for(model.config)
+        note = fallback_note(model.config, next(model.parameters()).device)
+        if note:
+            warnings.warn(note, stacklevel=2)
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.max_batch_tokens, self.max_running, self.max_seq_len = max_batch_tokens, max_running, max_seq_len
