@@ -12,7 +12,10 @@ from tests import reference as ref
 MOD = importlib.import_module("mptkern.ops.prefix_attention")
 TILES = importlib.import_module("mptkern.ops.prefix_attention.tiles")
 DECODE = importlib.import_module("mptkern.ops.prefix_attention.decode")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# This file builds CPU tensors: its triton cases run in the interpreter (TRITON_INTERPRET=1, set by
+# conftest on a machine without a GPU) and skip on a GPU machine, where the CUDA oracle tests of
+# tests/test_gpu_check.py (run by bench/gpu_check.sh) cover the kernels on device tensors.
+DEVICE = torch.device("cpu")
 
 
 @pytest.fixture(params=["torch", "triton"])
