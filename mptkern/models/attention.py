@@ -67,5 +67,6 @@ def run_decoder(model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor,
     """The decoder body of ``model`` (its registry entry's ``decoder``) over one packed stream: embeds
     ``(N, d)``, positions ``(N,)`` -> final hidden states ``(N, d)``, every layer's attention run by ``plan``."""
     with attention_implementation(model, ATTENTION_NAME):
-        out = entry_for(model.config).decoder_of(model)(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, mptkern_plan=plan)
+        decoder = entry_for(model.config).decoder_of(model)
+        out = decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False, mptkern_plan=plan)
     return out.last_hidden_state[0]

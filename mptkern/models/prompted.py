@@ -6,20 +6,20 @@ its sequences. Prompt rows sit at positions 0..l-1 and attend causally among the
 tokens sit at positions l, l+1, ... and see their task's whole prompt plus their own earlier tokens,
 through :func:`mptkern.ops.prefix_attention`, run by the one attention function of
 :mod:`mptkern.models.attention` (no model code is copied). The layout is planned once per forward on
-the host (one read of the rows' lengths and task ids) and every layer and the backward reuse it. ``share_prefix=False`` is the PEFT-style concatenation, kept as the reference.
-Both give the same function.
+the host (one read of the rows' lengths and task ids) and every layer and the backward reuse it.
+``share_prefix=False`` is the PEFT-style concatenation, kept as the reference. Both give the same
+function.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 from torch import nn
 
 from mptkern.models.attention import attention_implementation, run_decoder
-from mptkern.models.registry import entry_for, fallback_note
+from mptkern.models.registry import entry_for, warn_on_fallback
 from mptkern.ops import PrefixAttentionPlan, fused_distill_loss, plan_prefix_attention, prefix_attention
 
 
@@ -88,9 +88,7 @@ class PromptedLM(nn.Module):
     def __init__(self, model: nn.Module, prompt: nn.Module, *, share_prefix: bool = True):
         super().__init__()
         self.entry = entry_for(model.config)
-        note = fallback_note(model.config, next(model.parameters()).device)
-        if note:
-            warnings.warn(note, stacklevel=2)
+        warn_on_fallback(model)
         self.logit_softcap = self.entry.logit_softcap(model.config)  # final soft-capping of the logits, or None
         self.model = model.requires_grad_(False).eval()
         self.prompt = prompt

@@ -23,6 +23,7 @@ config (docs/extending.md).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -100,6 +101,14 @@ def fallback_note(config, device) -> str | None:
     why = attention_backends(config)["triton"]
     return None if why is None else (f"{config.model_type}: the attention runs mptkern's torch path on this GPU, "
                                      f"not the Triton kernels: {why}")
+
+
+def warn_on_fallback(model) -> None:
+    """Warn when ``model`` sits on a CUDA device and its attention cannot run
+    the Triton kernels there (:func:`fallback_note`)."""
+    note = fallback_note(model.config, next(model.parameters()).device)
+    if note:
+        warnings.warn(note, stacklevel=3)
 
 
 def attention_backends(config) -> dict[str, str | None]:

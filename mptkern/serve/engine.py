@@ -25,14 +25,13 @@ import itertools
 import math
 import os
 import time
-import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from mptkern.models.attention import ATTENTION_NAME, attention_implementation, run_decoder
-from mptkern.models.registry import entry_for, fallback_note
+from mptkern.models.registry import entry_for, warn_on_fallback
 from mptkern.ops import (PagedDecodePlan, PrefixAttentionPlan, plan_paged_decode, plan_prefix_attention, prefix_attention,
                          prefix_attention_decode)
 from mptkern.prompts import MultitaskPrompt, read_peft_instructions
@@ -213,9 +212,7 @@ class MultiTaskEngine:
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_running ({max_running})")
         self.entry = entry_for(model.config)
-        note = fallback_note(model.config, next(model.parameters()).device)
-        if note:
-            warnings.warn(note, stacklevel=2)
+        warn_on_fallback(model)
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.max_batch_tokens, self.max_running, self.max_seq_len = max_batch_tokens, max_running, max_seq_len
@@ -555,13 +552,13 @@ class MultiTaskEngine:
             decode_prefix.append(prefix_index.get(r.task, -1))
         plan = StepPlan(kv, self._rows(write), num_prefill=sum(seqlens))
         if prefill:
+            prefix = {}
             if contexts:
                 context = _padded(contexts, 0)
                 plan.context = self._rows(context)
-                plan.prefill = plan_prefix_attention(seqlens, prefill_context, prefix_lens=[len(c) for c in contexts],
-                                                     prefix_shape=(len(context), len(context[0])), device=self.device)
-            else:
-                plan.prefill = plan_prefix_attention(seqlens, device=self.device)
+                prefix = dict(prefix_ids=prefill_context, prefix_lens=[len(c) for c in contexts],
+                              prefix_shape=(len(context), len(context[0])))
+            plan.prefill = plan_prefix_attention(seqlens, device=self.device, **prefix)
         if decode:
             # host lists: the torch path groups the rows by prefix from them, with no device read
             prefix = dict(prefix_ids=decode_prefix, prefix_lens=prefix_lens,

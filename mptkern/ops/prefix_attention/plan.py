@@ -48,6 +48,7 @@ class PrefixAttentionPlan:
     the backward reuse them."""
 
     seqlens: tuple[int, ...]
+    cu_seqlens_host: tuple[int, ...]  # (B+1,) the sequences' bounds, on the host
     seq_prefix: tuple[int, ...]
     prefix_rows: tuple[int, ...]
     prefix_shape: tuple[int, int] | None
@@ -67,10 +68,6 @@ class PrefixAttentionPlan:
     @property
     def device(self) -> torch.device:
         return self.cu_seqlens.device
-
-    @property
-    def cu_seqlens_host(self) -> list[int]:
-        return self._cached("cu", lambda: list(itertools.accumulate(self.seqlens, initial=0)))
 
     @property
     def max_seqlen(self) -> int:
@@ -178,8 +175,9 @@ def plan_prefix_attention(seqlens: Sequence[int], prefix_ids: Sequence[int] | No
     dev = torch.device(device) if device is not None else torch.device("cpu")
     i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
     has = prefix_ids is not None
-    return PrefixAttentionPlan(tuple(seqlens), tuple(pids), tuple(plens), (P, Lp) if has else None,
-                               i32(list(itertools.accumulate(seqlens, initial=0))), i32(pids) if has else None, i32(plens) if has else None)
+    cu = tuple(itertools.accumulate(seqlens, initial=0))
+    return PrefixAttentionPlan(tuple(seqlens), cu, tuple(pids), tuple(plens), (P, Lp) if has else None, i32(cu),
+                               i32(pids) if has else None, i32(plens) if has else None)
 
 
 def plan_from_tensors(cu_seqlens, prefix_ids, prefix_lens, prefix_k, num_tokens: int) -> PrefixAttentionPlan:
