@@ -18,6 +18,24 @@ BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "MPTKERN_BACKEND"
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 bf16 dot-product instructions
+
+
+@functools.cache
+def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16, read from the
+    Linux ``/proc/cpuinfo`` flags), so that oneDNN runs bfloat16 matmuls natively: on a 2-core AMD
+    EPYC with AVX512-BF16, a (64..4096, 576) x (576, 1536) linear ran 4.1-4.4x faster in bfloat16
+    than in float32. False elsewhere (no such flags, or no ``/proc/cpuinfo``), where bfloat16 is
+    emulated and no faster than float32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

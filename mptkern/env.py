@@ -73,6 +73,7 @@ def report() -> dict:
     info.update({
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads), no CUDA device",
         "cuda_runtime": torch.version.cuda or "none (CPU build of torch)",
+        "cpu bf16 matmuls": "native (AVX512-BF16 or AMX)" if backends.cpu_bf16_native() else "emulated",
         "TRITON_INTERPRET": "on" if backends.triton_interpret() else "off",
         "auto backend": backends.resolve("auto", device),
     })

@@ -54,3 +54,13 @@ def test_a_forced_backend_an_op_lacks_names_the_op_and_its_backends():
         fused_distill_loss(torch.randn(2, 8), torch.randn(2, 8), torch.randn(9, 8), backend="cuda")
     with pytest.raises(RuntimeError, match=r"decomposed_prompts: backend 'cuda' is unavailable"):
         decomposed_prompts(torch.randn(4, 16), torch.rand(3, 4, 1), torch.rand(3, 1, 16), torch.tensor([2]), backend="cuda")
+
+
+def test_cpu_bf16_native_reads_the_cpu_flags(tmp_path):
+    cases = {"zen4": ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\n", True),
+             "skylake": ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n", False),  # AVX-512, no BF16
+             "sapphire": ("flags\t\t: fpu amx_bf16 amx_tile\n", True)}
+    for name, (text, native) in cases.items():  # one file each: the answer is cached per path
+        (tmp_path / name).write_text(text)
+        assert backends.cpu_bf16_native(str(tmp_path / name)) is native, name
+    assert not backends.cpu_bf16_native(str(tmp_path / "missing"))  # no /proc/cpuinfo (e.g. macOS)

@@ -55,3 +55,10 @@ def test_cli_env_reports_backends():
     for key in ("torch", "triton", "backend torch", "backend triton", "backend cuda", "default model"):
         assert key in out
     assert "usable on" in out
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_demo_runs_bfloat16_only_where_the_cpu_multiplies_it(native, monkeypatch):
+    monkeypatch.setattr(demo.backends, "cpu_bf16_native", lambda: native)
+    assert demo.demo_config("x", device="cpu").dtype == ("bfloat16" if native else "float32")
+    assert demo.demo_config("x", device="cuda").dtype == "auto"  # bf16 on CUDA

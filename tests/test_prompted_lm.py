@@ -138,3 +138,35 @@ def test_loss_without_valid_labels_is_zero_with_zero_gradient():
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in prompt.parameters())
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "concat"])
+@pytest.mark.parametrize("kind", [MultitaskPrompt, TaskPrompts], ids=lambda k: k.__name__)
+def test_float32_prompt_on_a_bfloat16_model(kind, share):
+    """The trainer's mixed precision: float32 prompt parameters enter a bf16 backbone cast to bf16.
+    Forward and gradients equal those of the same prompt held in bf16 (the rows are cast before
+    anything reads them); the gradients arrive in float32."""
+    model = tiny_llama().to(torch.bfloat16)
+    ids, mask, labels = batch(4, 9, 128, [9, 5, 9, 3], False)
+    task_ids = torch.tensor([1, 0, 1, 2])
+    torch.manual_seed(0)
+    master = kind(3, 4, 64, **({"rank": 2} if kind is MultitaskPrompt else {}))
+    with torch.no_grad():
+        for p in master.parameters():
+            p.normal_(0, 1)
+            p.copy_(p.bfloat16())  # values bf16 holds exactly, so the cast loses nothing
+    low = kind(3, 4, 64, **({"rank": 2} if kind is MultitaskPrompt else {})).to(torch.bfloat16)
+    low.load_state_dict({k: v.bfloat16() for k, v in master.state_dict().items()})
+    out32, g32 = run(model, master, ids, mask, task_ids, labels, share)
+    out16, g16 = run(model, low, ids, mask, task_ids, labels, share)
+    assert out32.hidden_states.dtype == torch.bfloat16
+    real = mask.bool()
+    # TaskPrompts: the same bf16 rows reach the model; MultitaskPrompt: P* (u v) is computed in
+    # float32 and cast once, against bf16 arithmetic, so the two differ by bf16 rounding
+    exact = kind is TaskPrompts
+    tol = dict(atol=0, rtol=0) if exact else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(out32.hidden_states[real], out16.hidden_states[real], **tol)
+    for name in g16:
+        assert g32[name].dtype == torch.float32
+        assert g32[name].abs().sum() > 0
+        torch.testing.assert_close(g32[name].bfloat16(), g16[name], **(tol if exact else dict(atol=0.1, rtol=0.1)), msg=name)

@@ -45,7 +45,8 @@ def concat_prompt(prompts: torch.Tensor, embeds: torch.Tensor, attention_mask: t
 
     Args:
         prompts: ``(B, l, d)`` prompt rows, one prompt per row of the batch.
-        embeds: ``(B, n, d)`` input token embeddings (cast to ``prompts.dtype``).
+        embeds: ``(B, n, d)`` input token embeddings, in the backbone's dtype (the prompts are
+            cast to it, e.g. a float32 prompt before a bfloat16 model).
         attention_mask: ``(B, n)`` 0/1 (any integer or bool dtype), left or right padded.
 
     Returns:
@@ -59,7 +60,7 @@ def concat_prompt(prompts: torch.Tensor, embeds: torch.Tensor, attention_mask: t
     if attention_mask.shape != embeds.shape[:2]:
         raise ValueError(f"attention_mask must have shape {tuple(embeds.shape[:2])}, got {tuple(attention_mask.shape)}")
     mask = torch.cat([attention_mask.new_ones(prompts.shape[:2]), attention_mask], 1)
-    return torch.cat([prompts, embeds.to(prompts.dtype)], 1), mask
+    return torch.cat([prompts.to(embeds.dtype), embeds], 1), mask
 
 
 @dataclasses.dataclass
@@ -81,7 +82,10 @@ class PromptedLM(nn.Module):
     Args:
         model: a Hugging Face ``*ForCausalLM`` whose ``config.model_type`` is in the registry
             (``llama``, ``gpt_oss``). Its parameters are frozen here.
-        prompt: module mapping ``task_ids (B,)`` to prompts ``(B, l, d)``.
+        prompt: module mapping ``task_ids (B,)`` to prompts ``(B, l, d)``. Its dtype may differ
+            from the model's (float32 prompts on a bfloat16 model, as the trainer keeps them): the
+            rows are cast to the model's dtype as they enter it, and gradients reach the prompt's
+            parameters in their own dtype.
         share_prefix: pack each distinct task's prompt once per batch (default) or concatenate.
     """
 
@@ -148,14 +152,18 @@ class PromptedLM(nn.Module):
         # one stream: each task's prompt once, then the real tokens row-major; both are written in
         # place, the prompt rows by the prompt module (the fused op for MultitaskPrompt), no cat pass
         embed = self.model.get_input_embeddings()
-        dtype = self.prompt.dtype
+        dtype = embed.weight.dtype  # the backbone's: a float32 prompt on a bf16 model enters it cast
         stream = torch.empty(U * l + flat.numel(), d, dtype=dtype, device=embed.weight.device)
         tokens = input_ids.view(-1).index_select(0, flat)
-        if type(embed) is nn.Embedding and embed.weight.dtype == dtype:  # a plain lookup: straight into the stream
+        if type(embed) is nn.Embedding:  # a plain lookup: straight into the stream
             torch.index_select(embed.weight, 0, tokens, out=stream[U * l :])
         else:  # e.g. Gemma's embeddings scaled by sqrt(d) in the module
             stream[U * l :] = embed(tokens)
-        stream = self.prompt.write_rows(torch.tensor(tasks, device=dev), stream, torch.arange(U, device=dev) * l)
+        slots = torch.tensor(tasks, device=dev)
+        if self.prompt.dtype == dtype:
+            stream = self.prompt.write_rows(slots, stream, torch.arange(U, device=dev) * l)
+        else:  # the (U, l, d) prompt rows in the prompt's dtype, cast as they are copied in
+            stream[: U * l] = self.prompt(slots).flatten(0, 1)
         token_pos = (real.cumsum(1) + (l - 1)).view(-1).index_select(0, flat)
         positions = torch.cat([torch.arange(l, device=dev).repeat(U), token_pos])
         h = run_decoder(self.model, stream, positions, pack)

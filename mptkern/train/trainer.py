@@ -1,7 +1,8 @@
 """MPTTrainer: single-task teachers -> distillation into a decomposed prompt -> target adaptation.
 
 Every stage trains prompt parameters only, on a frozen backbone, through ``PromptedLM`` (each
-task's prompt computed once per batch). Batches are a pure function of ``(seed, stage, step)``, so a
+task's prompt computed once per batch). The prompts are float32 parameters whatever the backbone's
+dtype; their rows are cast to it as they enter the model. Batches are a pure function of ``(seed, stage, step)``, so a
 stage resumed from its checkpoint continues exactly as an uninterrupted run would. Checkpoints are
 written atomically and record the config's fingerprint: a stage resumes only under the config that
 wrote its checkpoint (:func:`mptkern.train.config.config_fingerprint` lists the keys that may
@@ -38,6 +39,9 @@ from mptkern.train.report import format_results, plot_results, write_results
 from mptkern.train.teacher_cache import build_teacher_cache
 
 
+# trainable prompts stay float32 whatever the backbone's dtype, as PEFT keeps LoRA weights
+# (autocast_adapter_dtype): bf16 rounding (8 mantissa bits) would drop AdamW's small late updates
+PROMPT_DTYPE = torch.float32
 IDLE_ADAPTER = "idle"  # the shared PeftModel's adapter between LoRA runs (PEFT needs one to exist)
 
 
@@ -273,7 +277,7 @@ class MPTTrainer:
         teachers = TaskPrompts(len(tasks), self.config.prompt_len, self.hidden, task_names=[t.name for t in tasks])
         for i, t in enumerate(tasks):
             self._text_init(teachers, t, i)
-        teachers.to(self.device, self.dtype)
+        teachers.to(self.device, PROMPT_DTYPE)
         lm, collate, examples = self._lm(teachers), self._collator(tasks), flatten(tasks)
         sampler = MixedTaskSampler(task_sizes(tasks), cfg.batch_size, seed=self.config.seed)
         batches = _batches(sampler, cfg.steps, self._micro(cfg))
@@ -298,7 +302,7 @@ class MPTTrainer:
                                   task_names=[t.name for t in tasks])
         with torch.no_grad():  # P* starts at the teachers' mean; U V near ones, so every task starts there
             student.prompt_embeddings.copy_(teachers.prompts.float().mean(0))
-        student.to(self.device, self.dtype)
+        student.to(self.device, PROMPT_DTYPE)
         teachers.requires_grad_(False)
         s_lm, t_lm = self._lm(student), self._lm(teachers)
         collate, examples = self._collator(tasks), flatten(tasks)
@@ -349,7 +353,7 @@ class MPTTrainer:
                                                task_names=[run.task.name])
         prompt = TaskPrompts(1, self.config.prompt_len, self.hidden, task_names=[run.task.name])
         self._text_init(prompt, run.task, 0)
-        return prompt.to(self.device, self.dtype)
+        return prompt.to(self.device, PROMPT_DTYPE)
 
     def train_prompt_grid(self, runs: list[Run], prompts: list, name: str = "targets-grid") -> PromptStack:
         """Train the prompts of ``runs`` (one per run, e.g. from :meth:`target_prompt`) together: each
