@@ -438,6 +438,9 @@ def _tables(ids, dtype):
 PAGED_CASES = DECODE_CASES[:3] + [
     # cache_lens and prefix lengths on block edges: 4 divides them all, 6 and 16 some
     ([16, 48, 24, 32], 48, 2, 48, 4, 1, 16, [1, -1, 0, 0], [48, 24], 40, False),
+    # no prefix shared by two sequences: the torch path reads [prefix | cache] in one softmax
+    ([5, 30, 12], 30, 3, 20, 8, 2, 16, [2, -1, 0], [20, 7, 13], 10, True),
+    ([37], 40, 1, 24, 4, 1, 64, [0], [17], None, False),
 ]
 
 

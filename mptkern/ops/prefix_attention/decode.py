@@ -231,6 +231,12 @@ def _merge(parts, sinks, hkv, g):
     return out, peak + denom.log()
 
 
+def _same_view(a, b):
+    """True when ``a`` and ``b`` view the same memory the same way (the engine passes its pools as both
+    the caches and the prefixes)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
 def _decode_torch_paged(q, k_pool, v_pool, prefix_k, prefix_v, plan, scale, window, sinks, softcap=None):
     """Paged cascade with no Python loop and no device read: each sequence's newest token attends to
     its own keys, gathered through its table, in one batched matmul; each prefix's keys are gathered
@@ -238,7 +244,8 @@ def _decode_torch_paged(q, k_pool, v_pool, prefix_k, prefix_v, plan, scale, wind
     batched matmul; the two partial softmaxes and the sinks merge by their LSEs. V rows past a
     length are zeroed, so whatever the pool holds there (NaN in never-written memory included)
     cannot reach the output."""
-    L = plan.torch_layout
+    one_pool = prefix_k is not None and all(_same_view(a, b) for a, b in ((prefix_k, k_pool), (prefix_v, v_pool)))
+    L = plan.torch_layout(one_pool)
     B, hq, dim = q.shape
     hkv = k_pool.shape[2]
     g = hq // hkv
@@ -255,7 +262,7 @@ def _decode_torch_paged(q, k_pool, v_pool, prefix_k, prefix_v, plan, scale, wind
     S = L.own.shape[1]
     hidden = L.own_past
     if window is not None:
-        hidden = hidden | (torch.arange(S, device=q.device)[None] <= plan.cache_lens[:, None] - 1 - window)
+        hidden = hidden | (torch.arange(S, device=q.device)[None] <= L.own_lens[:, None] - 1 - window)
     scores = _softcap_(torch.matmul(qh, k), softcap).masked_fill_(hidden[:, None, None, :], float("-inf"))  # (B, Hkv, G, S)
     out, lse = _softmax_attend(scores.view(B * hkv, g, S), v.reshape(B * hkv, S, dim))
     out, lse = out.view(B, hkv, g, dim), lse.view(B, hkv, g)  # lse finite: the newest token is visible
