@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from mptkern.demo import demo_config, quick_config
     from mptkern.models import load_default
+    from mptkern.train.trainer import backbone_dtype
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         if args.seeds is not None:
             cfg = dataclasses.replace(cfg, target_init=dataclasses.replace(cfg.target_init,
                                                                             seeds=list(range(args.seeds))))
-        model, tok = load_default(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model, tok = load_default(device=device, dtype=backbone_dtype(cfg.dtype, device))  # bf16 where the preset says
         rows, results = [], {}
         for way in ("old", "new"):
             way_rows, results[way] = run_way(way, dataclasses.replace(cfg, output_dir=f"{tmp}/{way}"), model, tok, device)

@@ -257,3 +257,12 @@ def test_max_running_reaches_the_engine(small_backbone, monkeypatch):
     assert seen["max_running"] == 2  # of 3 requests
     with pytest.raises(ValueError, match="max_running"):
         evaluation.evaluate_runs(model, tok, [evaluation.EvalRun("x", task, None)], max_new_tokens=4, max_running=0)
+
+
+def test_a_given_model_runs_in_its_own_dtype_and_an_explicit_other_dtype_fails(tmp_path, small_backbone):
+    """The fingerprint records the dtype the backbone really runs in: a float32 model given with
+    ``dtype: bfloat16`` would otherwise record bf16 over float32 weights."""
+    with pytest.raises(ValueError, match=r"config dtype 'bfloat16' but the given model's parameters are torch.float32"):
+        _trainer(_config(tmp_path, dtype="bfloat16"), small_backbone)
+    tr = _trainer(_config(tmp_path, dtype="auto"), small_backbone)
+    assert tr.dtype == torch.float32 and tr._fingerprint()["config"]["dtype"] == "float32"

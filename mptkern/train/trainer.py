@@ -45,6 +45,16 @@ PROMPT_DTYPE = torch.float32
 IDLE_ADAPTER = "idle"  # the shared PeftModel's adapter between LoRA runs (PEFT needs one to exist)
 
 
+def backbone_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a config's ``dtype`` on ``device``: ``auto`` is bfloat16 on CUDA and
+    float32 elsewhere."""
+    choices = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+               "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in choices:
+        raise ValueError(f"dtype must be one of {sorted(choices)}, got {name!r}")
+    return choices[name]
+
+
 def _batches(sampler, steps: int, per_step: int) -> list[list[int]]:
     """The first ``steps * per_step`` batches of a sampler, epoch after epoch, as a fixed list."""
     out, epoch = [], 0
@@ -98,10 +108,15 @@ class MPTTrainer:
         self.config = config
         cuda = torch.cuda.is_available()
         self.device = torch.device(("cuda" if cuda else "cpu") if config.device == "auto" else config.device)
-        self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                      "float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+        self.dtype = backbone_dtype(config.dtype, self.device)
         if model is None:
             model, tokenizer = self._load_model()
+        else:  # a given model runs in its own dtype; an explicit config dtype must agree with it
+            given = next(model.parameters()).dtype
+            if config.dtype != "auto" and given != self.dtype:
+                raise ValueError(f"config dtype {config.dtype!r} but the given model's parameters are {given}; "
+                                 f"load the model in {self.dtype} or set dtype: auto")
+            self.dtype = given
         self.model, self.tokenizer = model.to(self.device), tokenizer
         self.model.requires_grad_(False).eval()
         self.suite = suite if suite is not None else self._load_suite()
