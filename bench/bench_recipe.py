@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--n-eval", type=int, default=None, help="eval examples per target (default: the preset's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per k > 0 (default: the preset's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="the backbone's dtype (default: the preset's; float32 for scores equal run for run, "
+                        "since bf16 rounds differently in the two ways' batch shapes)")
     p.add_argument("--out", default=str(harness.ROOT / "bench" / "results" / "recipe.csv"))
     args = p.parse_args(argv)
     from mptkern.demo import demo_config, quick_config
@@ -140,6 +143,8 @@ def main(argv=None) -> int:
                else dataclasses.replace(quick_config(f"{tmp}/x"), device=args.device))
         if args.n_eval is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval=args.n_eval))
+        if args.dtype is not None:
+            cfg = dataclasses.replace(cfg, dtype=args.dtype)
         if args.seeds is not None:
             cfg = dataclasses.replace(cfg, target_init=dataclasses.replace(cfg.target_init,
                                                                             seeds=list(range(args.seeds))))
@@ -161,7 +166,8 @@ def main(argv=None) -> int:
     out_rows = []
     for r in rows:
         speed = round(secs["old", r["stage"]] / secs["new", r["stage"]], 2) if r["way"] == "new" else 1.0
-        out_rows.append(dict(preset=args.preset, seeds=len(cfg.target_init.seeds), **r, speedup_vs_old=speed, runs=len(old),
+        out_rows.append(dict(preset=args.preset, seeds=len(cfg.target_init.seeds),
+                             dtype=str(backbone_dtype(cfg.dtype, device)).removeprefix("torch."), **r, speedup_vs_old=speed, runs=len(old),
                              eval_per_target=cfg.data.n_eval,
                              mean_score=round(statistics.mean(x["score"] for x in results[r["way"]]), 4),
                              same_scores=f"{same}/{len(old)}", max_score_diff=round(diff, 4)))
