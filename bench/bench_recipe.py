@@ -176,6 +176,9 @@ def main(argv=None) -> int:
     for r in out_rows:
         print(f"{r['way']:<5} {r['stage']:<9} {r['seconds']:>8.1f} {r['peak_mb'] or 0:>9.0f} {r['speedup_vs_old']:>6.2f}x")
     print(f"scores equal run for run: {same}/{len(old)} (largest difference {diff:.4f}); rows appended to {path}")
+    for r in old:  # the runs whose scores differ, to look into
+        if abs(r["score"] - new_by[key(r)]) >= 1e-9:
+            print(f"  differs: {r['task']} {r['method']} k={r['k']} seed={r['seed']}: old {r['score']:.4f}, new {new_by[key(r)]:.4f}")
     return 0
 
 
