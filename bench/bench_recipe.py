@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         if args.seeds is not None:
             cfg = dataclasses.replace(cfg, target_init=dataclasses.replace(cfg.target_init,
                                                                             seeds=list(range(args.seeds))))
-        model, tok = load_default(device=device, dtype=backbone_dtype(cfg.dtype, device))  # bf16 where the preset says
+        dtype = backbone_dtype(cfg.dtype, device)  # bf16 where the preset says
+        model, tok = load_default(device=device, dtype=dtype)
         rows, results = [], {}
         for way in ("old", "new"):
             way_rows, results[way] = run_way(way, dataclasses.replace(cfg, output_dir=f"{tmp}/{way}"), model, tok, device)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     for r in rows:
         speed = round(secs["old", r["stage"]] / secs["new", r["stage"]], 2) if r["way"] == "new" else 1.0
         out_rows.append(dict(preset=args.preset, seeds=len(cfg.target_init.seeds),
-                             dtype=str(backbone_dtype(cfg.dtype, device)).removeprefix("torch."), **r, speedup_vs_old=speed, runs=len(old),
+                             dtype=str(dtype).removeprefix("torch."), **r, speedup_vs_old=speed, runs=len(old),
                              eval_per_target=cfg.data.n_eval,
                              mean_score=round(statistics.mean(x["score"] for x in results[r["way"]]), 4),
                              same_scores=f"{same}/{len(old)}", max_score_diff=round(diff, 4)))

@@ -2,10 +2,10 @@
 
 Every stage trains prompt parameters only, on a frozen backbone, through ``PromptedLM`` (each
 task's prompt computed once per batch). The prompts are float32 parameters whatever the backbone's
-dtype; their rows are cast to it as they enter the model. Batches are a pure function of ``(seed, stage, step)``, so a
-stage resumed from its checkpoint continues exactly as an uninterrupted run would. Checkpoints are
-written atomically and record the config's fingerprint: a stage resumes only under the config that
-wrote its checkpoint (:func:`mptkern.train.config.config_fingerprint` lists the keys that may
+dtype; their rows are cast to it as they enter the model. Batches are a pure function of ``(seed,
+stage, step)``, so a stage resumed from its checkpoint continues exactly as an uninterrupted run
+would. Checkpoints are written atomically and record the config's fingerprint: a stage resumes only
+under the config that wrote its checkpoint (:func:`mptkern.train.config.config_fingerprint` lists the keys that may
 change). Every logged step goes to ``<output_dir>/log.jsonl``.
 
 Example::
